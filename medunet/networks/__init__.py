@@ -1,0 +1,5 @@
+"""medunet networks (work in progress)."""
+
+
+def list_networks() -> list[str]:
+    return []

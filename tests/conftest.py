@@ -1,0 +1,29 @@
+"""Shared fixtures. Real-data tests skip cleanly when ../shared/data is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medunet.paths import shared_data_dir
+
+torch.set_num_threads(2)
+
+
+def _task_dir(name: str) -> Path:
+    path = shared_data_dir() / name
+    if not (path / "dataset.json").is_file():
+        pytest.skip(f"real data {path} is absent")
+    return path
+
+
+@pytest.fixture
+def hippocampus_dir() -> Path:
+    return _task_dir("Task04_Hippocampus")
+
+
+@pytest.fixture
+def spleen_dir() -> Path:
+    return _task_dir("Task09_Spleen")
