@@ -1,0 +1,130 @@
+"""Lean UNet and its doubling twin: plain convolutional U-Nets of the STAMP family.
+
+Based on Hassler et al., "Lean Unet: A Compact Model for Image Segmentation", arXiv 2512.03834:
+keep the channel count constant at every level instead of doubling it as resolution halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.layers.factories import Conv, Pool
+from torch import nn
+
+from medunet.errors import MedunetError
+from medunet.networks.layers import ActType, DropoutType, NormType, conv_norm_act
+from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.skips import OrdinarySkips
+
+
+def conv_block(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    convs: int,
+    act: ActType,
+    norm: NormType,
+    dropout: DropoutType,
+    bias: bool,
+    order: str,
+) -> nn.Sequential:
+    """``convs`` x [3x3(x3) conv -> activation/norm/dropout in ``order``] (STAMP uses conv-ReLU-BN-dropout)."""
+    layers = [
+        conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, 3, act, norm, dropout, bias, order)
+        for i in range(convs)
+    ]
+    return nn.Sequential(*layers)
+
+
+def conv_unet_parts(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    widths: Sequence[int],
+    convs_per_block: int = 2,
+    act: ActType = ("relu", {"inplace": True}),
+    norm: NormType = "batch",
+    dropout: DropoutType = None,
+    bias: bool = True,
+    order: str = "AND",
+    merge: str = "concat",
+) -> UNetParts:
+    """Stages of a convolutional U-Net with ``len(widths)`` resolution levels.
+
+    Encoder: a conv block at full resolution, then max-pool + conv block per level. Decoder:
+    transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: 1x1 conv.
+    """
+    widths = list(widths)
+    if len(widths) < 2:
+        raise MedunetError(f"a U-Net needs at least 2 levels, got widths {widths}")
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return conv_block(spatial_dims, cin, cout, convs_per_block, act, norm, dropout, bias, order)
+
+    pool = Pool[Pool.MAX, spatial_dims]
+    encoder: list[nn.Module] = [block(in_channels, widths[0])]
+    encoder += [nn.Sequential(pool(2), block(widths[i - 1], widths[i])) for i in range(1, len(widths))]
+    upconv = Conv[Conv.CONVTRANS, spatial_dims]
+    decoder = []
+    for level in range(len(widths) - 2, -1, -1):
+        width = widths[level]
+        block_in = 2 * width if merge == "concat" else width
+        decoder.append(DecoderStage(upconv(widths[level + 1], width, 2, stride=2), block(block_in, width), merge))
+    head = Conv[Conv.CONV, spatial_dims](widths[0], out_channels, kernel_size=1)
+    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(len(widths) - 1)))
+
+
+def lunet_widths(features: int, levels: int, flat: bool) -> list[int]:
+    """Constant width ``features`` at every level (lean) or ``features * 2**level`` (doubling)."""
+    if features < 1 or levels < 2:
+        raise MedunetError(f"LUNet needs features >= 1 and levels >= 2, got features={features}, levels={levels}")
+    return [features if flat else features * 2**level for level in range(levels)]
+
+
+class LUNet(UNetSkeleton):
+    """Lean U-Net: a STAMP-style U-Net whose channel count stays constant at every level.
+
+    Hassler et al., arXiv 2512.03834. With ``flat=False`` the same network doubles its width at each
+    level: the conventional U-Net of the same family, for like-for-like comparisons. The authors'
+    presets are ``small`` (5 levels x 2 convs) and ``large`` (4 levels x 3 convs).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (classes, background included); forward returns logits.
+        features: width of the first level (of every level when ``flat``). Default 8.
+        levels: resolution levels (``levels - 1`` downsamplings). Default 5.
+        convs_per_block: 3x3(x3) convolutions per block. Default 2.
+        flat: constant width (Lean UNet, default) or doubling width (conventional twin).
+        act, norm, dropout: MONAI factory names or ``(name, kwargs)``; defaults ReLU, batch norm, none.
+        bias: convolution bias.
+        order: activation/norm/dropout order after each conv (MONAI letters); STAMP's is ``"AND"``.
+        pad_input: pad inputs to a multiple of ``2**(levels-1)`` and crop the output back.
+
+    Example::
+
+        net = LUNet(spatial_dims=3, in_channels=1, out_channels=3, features=8)
+        logits = net(torch.zeros(1, 1, 64, 64, 64))  # (1, 3, 64, 64, 64)
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: int = 8,
+        levels: int = 5,
+        convs_per_block: int = 2,
+        flat: bool = True,
+        act: ActType = ("relu", {"inplace": True}),
+        norm: NormType = "batch",
+        dropout: DropoutType = None,
+        bias: bool = True,
+        order: str = "AND",
+        pad_input: bool = True,
+    ) -> None:
+        widths = lunet_widths(features, levels, flat)
+        parts = conv_unet_parts(
+            spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order
+        )
+        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)

@@ -1,0 +1,167 @@
+"""Small building blocks shared by the medunet networks, N-D through MONAI's layer factories.
+
+Everything here works for ``spatial_dims`` 2 and 3 from one code path and is TorchScript-scriptable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+ActType = tuple | str | None
+NormType = tuple | str | None
+DropoutType = tuple | str | float | None
+
+
+def conv_norm_act(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    act: ActType = ("relu", {"inplace": True}),
+    norm: NormType = "batch",
+    dropout: DropoutType = None,
+    bias: bool = True,
+    order: str = "NA",
+    strides: int = 1,
+) -> Convolution:
+    """A convolution followed by norm/activation/dropout in ``order`` (MONAI ``adn_ordering`` letters).
+
+    ``order="NA"`` is the usual conv -> norm -> act; ``"AN"`` is conv -> act -> norm, the order
+    the OneNet and STAMP/Lean-UNet authors use. ``act=None, norm=None`` gives a plain convolution.
+    """
+    conv_only = act is None and norm is None and not dropout
+    order = "".join(letter for letter in order if letter in "AND")
+    if not dropout:
+        order = order.replace("D", "")
+    if act is None:
+        order = order.replace("A", "")
+    if norm is None:
+        order = order.replace("N", "")
+    return Convolution(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        strides=strides,
+        kernel_size=kernel_size,
+        adn_ordering=order,
+        act=act,
+        norm=norm,
+        dropout=dropout,
+        bias=bias,
+        conv_only=conv_only,
+    )
+
+
+def pointwise(spatial_dims: int, in_channels: int, out_channels: int, bias: bool = True) -> nn.Module:
+    """A 1x1(x1) convolution: the efficient, numerically identical form of OneNet's channel-wise 1D conv."""
+    return Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1, bias=bias)
+
+
+def pixel_unshuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, C * factor**dims, *S / factor); the inverse of :func:`pixel_shuffle`.
+
+    Channel order matches ``torch.nn.functional.pixel_unshuffle`` in 2D (channel-major, then the
+    sub-pixel offsets), extended to 3D the same way.
+    """
+    if factor == 1:
+        return x
+    if spatial_dims == 2:
+        return F.pixel_unshuffle(x, factor)
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c, d // factor, factor, h // factor, factor, w // factor, factor)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * factor * factor * factor, d // factor, h // factor, w // factor)
+
+
+def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tensor:
+    """(B, C * factor**dims, *S) -> (B, C, *S * factor); the inverse of :func:`pixel_unshuffle`."""
+    if factor == 1:
+        return x
+    if spatial_dims == 2:
+        return F.pixel_shuffle(x, factor)
+    b, c, d, h, w = x.shape
+    out_channels = c // (factor * factor * factor)
+    x = x.reshape(b, out_channels, factor, factor, factor, d, h, w)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, out_channels, d * factor, h * factor, w * factor)
+
+
+class PixelUnshuffle(nn.Module):
+    """Module form of :func:`pixel_unshuffle` (space-to-depth by ``factor``)."""
+
+    def __init__(self, spatial_dims: int, factor: int = 2) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_unshuffle(x, self.spatial_dims, self.factor)
+
+
+class PixelShuffle(nn.Module):
+    """Module form of :func:`pixel_shuffle` (depth-to-space by ``factor``)."""
+
+    def __init__(self, spatial_dims: int, factor: int = 2) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle(x, self.spatial_dims, self.factor)
+
+
+class FlatSpatialFilter(nn.Module):
+    """OneNet's "spatial convolution": one ``kernel_size``-tap filter over the flattened tensor, then ReLU.
+
+    The tensor is laid out channels-last and flattened to (B, 1, prod(S) * C), so after a
+    pixel-unshuffle the filter mixes the sub-pixel positions of one voxel (and, at the ends, its
+    neighbour's). Reflection padding keeps the length. ``kernel_size + 1`` parameters in all.
+    """
+
+    def __init__(self, kernel_size: int = 9) -> None:
+        super().__init__()
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"spatial filter kernel_size must be odd and >= 3, got {kernel_size}")
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, padding_mode="reflect")
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        dims = x.dim()
+        channels_last = x.movedim(1, dims - 1)
+        flat = channels_last.reshape(shape[0], 1, -1)
+        flat = self.act(self.conv(flat))
+        return flat.reshape(channels_last.shape).movedim(dims - 1, 1)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels at every pixel/voxel, with a per-channel affine (as in NAFNet), N-D."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class SimplifiedChannelAttention(nn.Module):
+    """NAFNet's channel attention without the sigmoid: ``x * conv1x1(global_avg_pool(x))``."""
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.conv = pointwise(spatial_dims, channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=list(range(2, x.dim())), keepdim=True)
+        return x * self.conv(pooled)

@@ -1,0 +1,202 @@
+"""Skip strategies: what travels from encoder level ``l`` to decoder level ``l``.
+
+Both strategies share one interface, called by :class:`~medunet.networks.skeleton.UNetSkeleton`:
+
+- ``forward(level, feature, state) -> state`` as each encoder feature is produced;
+- ``expand(level, state) -> skip`` when decoder level ``level`` needs its skip.
+
+``state`` is the list of tensors the strategy keeps alive between the two: that list *is* the skip
+memory, and the profiler measures it by hooking ``forward``.
+
+:class:`OrdinarySkips` keeps every encoder feature (the classic U-Net). :class:`AggregatedSkips` is
+UNet-- (Yin et al., arXiv 2412.18276): MSIAM folds each feature, as soon as it is produced, into one
+single-scale tensor E' and lets the full map go; IEM regenerates each level's skip from E' lazily,
+inside the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medunet.errors import MedunetError
+from medunet.networks.layers import pixel_shuffle, pixel_unshuffle, pointwise
+
+TARGETS = ("coarsest", "intermediate", "finest")
+IEM_MODES = ("enhanced", "plain")
+
+
+class OrdinarySkips(nn.Module):
+    """The classic U-Net skip: keep each level's encoder feature until its decoder stage pops it."""
+
+    def __init__(self, skip_levels: list[int]) -> None:
+        super().__init__()
+        self.skip_levels = list(skip_levels)
+
+    def forward(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        if level in self.skip_levels:
+            state.append(feature)
+        return state
+
+    def expand(self, level: int, state: list[torch.Tensor]) -> torch.Tensor:
+        # The decoder visits levels in reverse order of the encoder: a stack.
+        return state.pop()
+
+
+def resolve_target(target: str | int, skip_levels: list[int]) -> int:
+    """The aggregation level for a target name ('coarsest', 'intermediate', 'finest') or level index."""
+    lo, hi = min(skip_levels), max(skip_levels)
+    if isinstance(target, int):
+        if not lo <= target <= hi:
+            raise MedunetError(f"UNet-- target level {target} is outside the skip levels {lo}..{hi}")
+        return target
+    if target == "coarsest":
+        return hi
+    if target == "finest":
+        return lo
+    if target == "intermediate":
+        return (lo + hi + 1) // 2
+    raise MedunetError(f"UNet-- target must be one of {TARGETS} or a level index, got {target!r}")
+
+
+class _Resize(nn.Module):
+    """Move a tensor ``steps`` levels coarser (pixel-unshuffle, steps > 0) or finer (pixel-shuffle)."""
+
+    def __init__(self, spatial_dims: int, steps: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.steps = steps
+        self.factor = 2 ** abs(steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.steps > 0:
+            return pixel_unshuffle(x, self.spatial_dims, self.factor)
+        if self.steps < 0:
+            return pixel_shuffle(x, self.spatial_dims, self.factor)
+        return x
+
+
+class MSIAMPiece(nn.Module):
+    """One level's share of MSIAM: reduce channels (RC), resize to the target (RS), project.
+
+    The fusing 1x1 conv over the concatenation of all pieces is split into one bias-free 1x1 conv per
+    piece whose outputs are summed. That is the same linear map with the same weights, but it lets
+    the aggregate be a running sum, so only E' is ever held, not the pieces.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, piece_channels: int, steps: int, out_channels: int):
+        super().__init__()
+        scale = (2 ** abs(steps)) ** spatial_dims
+        # Reduce before unshuffling (work at the fine resolution on few channels); expand before
+        # shuffling (work at the coarse resolution): RC always runs at the cheaper side.
+        reduced = max(1, round(piece_channels / scale)) if steps > 0 else piece_channels * (scale if steps < 0 else 1)
+        self.reduce = pointwise(spatial_dims, in_channels, reduced)
+        self.resize = _Resize(spatial_dims, steps)
+        self.piece_channels = reduced * scale if steps > 0 else (reduced // scale if steps < 0 else reduced)
+        self.fuse = pointwise(spatial_dims, self.piece_channels, out_channels, bias=False)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.resize(self.reduce(feature)))
+
+
+class IEMExpand(nn.Module):
+    """IEM for one decoder level: resize E' to the level, project to its width, enhance.
+
+    Projection runs at the coarser of the two resolutions (project-then-shuffle going finer,
+    unshuffle-then-project going coarser). ``mode="enhanced"`` adds a residual depthwise 3x3(x3)
+    refinement and a sigmoid channel gate (squeeze-excitation style) to the plain projection; the
+    paper does not publish its enhancement, so this design is ours and ``"plain"`` is kept to compare.
+    """
+
+    def __init__(self, spatial_dims: int, agg_channels: int, out_channels: int, steps: int, mode: str) -> None:
+        super().__init__()
+        if mode not in IEM_MODES:
+            raise MedunetError(f"iem must be one of {IEM_MODES}, got {mode!r}")
+        scale = (2 ** abs(steps)) ** spatial_dims
+        self.steps = steps
+        self.resize = _Resize(spatial_dims, -steps)
+        if steps > 0:  # decoder level finer than the target: project, then pixel-shuffle
+            self.project = pointwise(spatial_dims, agg_channels, out_channels * scale)
+        else:  # same level or coarser: pixel-unshuffle, then project
+            self.project = pointwise(spatial_dims, agg_channels * scale, out_channels)
+        self.enhanced = mode == "enhanced"
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.refine = conv(out_channels, out_channels, 3, padding=1, groups=out_channels) if self.enhanced else nn.Identity()
+        self.gate = pointwise(spatial_dims, out_channels, out_channels) if self.enhanced else nn.Identity()
+
+    def forward(self, aggregate: torch.Tensor) -> torch.Tensor:
+        if self.steps > 0:
+            x = self.resize(self.project(aggregate))
+        else:
+            x = self.project(self.resize(aggregate))
+        if self.enhanced:
+            x = x + self.refine(x)
+            x = x * torch.sigmoid(self.gate(x.mean(dim=list(range(2, x.dim())), keepdim=True)))
+        return x
+
+
+class AggregatedSkips(nn.Module):
+    """UNet--: MSIAM aggregates the encoder features into one tensor E'; IEM regenerates the skips.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: width of the encoder feature at each level.
+        skip_levels: the levels whose features the decoder would otherwise receive.
+        skip_channels: the width each decoder level expects from its skip.
+        target: aggregation level: ``"coarsest"``, ``"intermediate"``, ``"finest"`` or a level index.
+        agg_channels: channels of E' (default: the encoder width at the target level).
+        piece_channels: channels each level contributes to the concatenation before the fusing 1x1
+            conv (default: ``ceil(agg_channels / number of levels)``; at least one channel per
+            sub-pixel position for finer levels).
+        iem: ``"enhanced"`` (default) or ``"plain"`` projection.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: list[int],
+        skip_levels: list[int],
+        skip_channels: dict[int, int],
+        target: str | int = "coarsest",
+        agg_channels: int | None = None,
+        piece_channels: int | None = None,
+        iem: str = "enhanced",
+    ) -> None:
+        super().__init__()
+        self.skip_levels = sorted(skip_levels)
+        self.target = resolve_target(target, self.skip_levels)
+        self.agg_channels = agg_channels or channels[self.target]
+        piece = piece_channels or math.ceil(self.agg_channels / len(self.skip_levels))
+        self.pieces = nn.ModuleList(
+            MSIAMPiece(spatial_dims, channels[level], piece, self.target - level, self.agg_channels)
+            for level in self.skip_levels
+        )
+        self.fuse_bias = nn.Parameter(torch.zeros(self.agg_channels))
+        self.expanders = nn.ModuleList(
+            IEMExpand(spatial_dims, self.agg_channels, skip_channels[level], self.target - level, iem)
+            for level in self.skip_levels
+        )
+        self.last_level = self.skip_levels[0]
+
+    def forward(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i, piece in enumerate(self.pieces):
+            if self.skip_levels[i] == level:
+                contribution = piece(feature)
+                if len(state) == 0:
+                    shape = [1, -1] + [1] * (contribution.dim() - 2)
+                    state.append(contribution + self.fuse_bias.view(shape))
+                else:
+                    state[0] = state[0] + contribution
+        return state
+
+    def expand(self, level: int, state: list[torch.Tensor]) -> torch.Tensor:
+        aggregate = state[0]
+        if level == self.last_level:
+            state.clear()  # E' is not needed after the finest skip: free it before the last stage
+        out = aggregate
+        for i, expander in enumerate(self.expanders):
+            if self.skip_levels[i] == level:
+                out = expander(aggregate)
+        return out

@@ -1,0 +1,98 @@
+"""UNet--: any medunet backbone with its per-level skips replaced by MSIAM + IEM.
+
+Based on Yin et al., "UNet--: Memory-Efficient and Feature-Enhanced Network Architecture based on
+U-Net with Reduced Skip-Connections", arXiv 2412.18276. See :mod:`medunet.networks.skips` for the
+modules; this file only chooses the backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from medunet.errors import MedunetError
+from medunet.networks.conv_unet import conv_unet_parts, lunet_widths
+from medunet.networks.nafnet import nafnet_parts
+from medunet.networks.onenet import onenet_parts
+from medunet.networks.skeleton import UNetParts, UNetSkeleton
+from medunet.networks.skips import AggregatedSkips
+
+
+def _conv_parts(flat: bool) -> Callable[..., UNetParts]:
+    def build(spatial_dims: int, in_channels: int, out_channels: int, merge: str, features: int = 16,
+              levels: int = 4, **kwargs: Any) -> UNetParts:
+        widths = lunet_widths(features, levels, flat)
+        return conv_unet_parts(spatial_dims, in_channels, out_channels, widths, merge=merge, **kwargs)
+
+    return build
+
+
+def _nafnet(spatial_dims: int, in_channels: int, out_channels: int, merge: str, **kwargs: Any) -> UNetParts:
+    return nafnet_parts(spatial_dims, in_channels, out_channels, merge=merge, **kwargs)
+
+
+def _onenet(spatial_dims: int, in_channels: int, out_channels: int, merge: str, **kwargs: Any) -> UNetParts:
+    return onenet_parts(spatial_dims, in_channels, out_channels, merge=merge, **kwargs)
+
+
+#: Backbone name -> builder(spatial_dims, in_channels, out_channels, merge, **backbone_kwargs).
+BACKBONES: dict[str, Callable[..., UNetParts]] = {
+    "unet": _conv_parts(flat=False),
+    "lunet": _conv_parts(flat=True),
+    "nafnet": _nafnet,
+    "onenet": _onenet,
+}
+
+
+class UNetMinus(UNetSkeleton):
+    """UNet--: one aggregated tensor E' instead of per-level skip connections.
+
+    Yin et al., arXiv 2412.18276. MSIAM reduces each encoder feature's channels, resizes it to the
+    target level by pixel-(un)shuffle and folds it into E' by a 1x1 conv as soon as it is produced,
+    so the full-resolution maps are freed during inference. IEM regenerates each decoder level's skip
+    from E' just before that level needs it.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels; forward returns logits.
+        backbone: ``"unet"`` (doubling conv U-Net), ``"lunet"`` (Lean UNet widths), ``"nafnet"``, or
+            ``"onenet"``; its own arguments are passed as extra keywords (e.g. ``features=16``,
+            ``levels=4`` for the conv backbones; ``width``, ``encoder_blocks``... for NAFNet).
+        target: level of E': ``"coarsest"`` (default), ``"intermediate"``, ``"finest"`` or an index.
+        agg_channels: channels of E' (default: the backbone's width at the target level).
+        piece_channels: channels each level contributes to E' before fusion (default: an equal share).
+        iem: ``"enhanced"`` (residual depthwise refinement + channel gate) or ``"plain"`` projection.
+        merge: how the regenerated skip joins the decoder: ``"add"`` (default, as NAFNet; no
+            full-resolution concatenation buffer) or ``"concat"``.
+        pad_input: pad inputs to a multiple of ``2**downsamplings`` and crop the output back.
+
+    Example::
+
+        net = UNetMinus(spatial_dims=3, in_channels=1, out_channels=3, backbone="lunet", features=16)
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        backbone: str = "unet",
+        target: str | int = "coarsest",
+        agg_channels: int | None = None,
+        piece_channels: int | None = None,
+        iem: str = "enhanced",
+        merge: str = "add",
+        pad_input: bool = True,
+        **backbone_kwargs: Any,
+    ) -> None:
+        if backbone not in BACKBONES:
+            raise MedunetError(f"UNet-- backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+        if merge not in ("add", "concat"):
+            raise MedunetError(f"UNet-- merge must be 'add' or 'concat', got {merge!r}")
+        parts = BACKBONES[backbone](spatial_dims, in_channels, out_channels, merge, **backbone_kwargs)
+        skips = AggregatedSkips(
+            spatial_dims, parts.channels, parts.skip_levels, parts.skip_channels, target, agg_channels,
+            piece_channels, iem,
+        )
+        super().__init__(spatial_dims, parts, skips, pad_input)
