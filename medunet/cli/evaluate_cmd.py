@@ -1,0 +1,87 @@
+"""``medunet evaluate``: score a folder of predictions (ours or another tool's) against references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medunet.errors import MedunetError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="metrics, summary.json and an HTML/PDF report for a folder of predictions",
+        description="Match predictions to references by case name and write cases.csv, summary.json "
+        "(nnU-Net compatible), report.html and report.pdf.",
+    )
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
+    parser.add_argument("--ref", required=True, type=Path, help="folder of reference label maps (e.g. labelsTr)")
+    parser.add_argument("--out", type=Path, help="output folder (default: PRED/evaluation)")
+    parser.add_argument("--dataset-json", type=Path, help="dataset.json with the label names "
+                        "(default: the one in or next to --ref; else labels found in the references)")
+    parser.add_argument("--images", type=Path, help="image folder shown under the overlays (e.g. imagesTr)")
+    parser.add_argument("--tolerance-mm", action="append", metavar="MM or LABEL=MM", default=[],
+                        help="NSD tolerance in mm, for all labels or per label value/name; repeatable "
+                        "(default 2.0), e.g. --tolerance-mm 1.0 --tolerance-mm spleen=3")
+    parser.add_argument("--provenance", type=Path, help="JSON file of provenance fields for the report "
+                        "(network, parameters, checkpoint_sha256, data, fold, inferer, device, ...)")
+    parser.add_argument("--workers", type=int, help="parallel processes (default: CPU count up to 8)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave out references without a prediction instead of counting them as failures")
+    parser.add_argument("--strict", action="store_true", help="fail on any missing, extra or mismatched case")
+    parser.add_argument("--no-report", action="store_true", help="write only cases.csv and summary.json")
+    parser.add_argument("--title", help="report title")
+    parser.set_defaults(func=_evaluate)
+
+
+def parse_tolerances(values: list[str]) -> float | dict[str, float]:
+    """``["1.5"]`` → 1.5; ``["1.0", "spleen=3"]`` → ``{"default": 1.0, "spleen": 3.0}``."""
+    tolerances: dict[str, float] = {}
+    for value in values:
+        key, _, number = value.rpartition("=")
+        try:
+            tolerances[key or "default"] = float(number)
+        except ValueError:
+            raise MedunetError(f"--tolerance-mm {value!r} is not MM or LABEL=MM, e.g. 2.0 or 1=1.5") from None
+    if set(tolerances) <= {"default"}:
+        return tolerances.get("default", 2.0)
+    return tolerances
+
+
+def _read_provenance(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise MedunetError(f"cannot read provenance JSON {path}: {error}") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medunet.evaluation import evaluate_folders
+
+    result = evaluate_folders(
+        args.pred,
+        args.ref,
+        out_dir=args.out,
+        dataset_json=args.dataset_json,
+        tolerance_mm=parse_tolerances(args.tolerance_mm),
+        provenance=_read_provenance(args.provenance),
+        report=not args.no_report,
+        images_dir=args.images,
+        workers=args.workers,
+        skip_missing=args.skip_missing,
+        strict=args.strict,
+        title=args.title,
+    )
+    for problem in result.problems:
+        print(f"warning: {problem}")
+    for label, name in result.labels.items():
+        stats = result.aggregates[str(label)]
+        print(f"{name:>20}: Dice {stats['dice']['mean']:.4f} ± {stats['dice']['std']:.4f}, "
+              f"HD95 {stats['hd95_mm']['mean']:.2f} mm, failures {int(stats['dice']['n_failures'])}")
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    return 0

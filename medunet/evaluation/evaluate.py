@@ -1,0 +1,285 @@
+"""Evaluate a folder of predictions against a folder of references: match, compute in parallel, write.
+
+This is the one entry point that ``medunet evaluate`` and the training/inference workflows call
+(:func:`evaluate_folders`). It works on any folder of label maps, ours or another tool's (nnU-Net, MONAI),
+matching cases by name (see :mod:`medunet.evaluation.cases`).
+
+Problems are reported, never silently dropped:
+
+- a reference without a prediction is scored as an empty prediction (status ``missing_prediction``): it
+  counts as a failure in every label and enters the means with Dice 0 and the distance penalty, unless
+  ``skip_missing=True`` leaves it out;
+- a prediction whose shape differs from its reference is scored the same way (``shape_mismatch``);
+- a prediction with the same shape but a different spacing, origin or direction is evaluated in the
+  reference geometry and flagged in the ``note`` column;
+- predictions without a reference, and label values outside the label set, are listed;
+- ``strict=True`` turns any of these into a :class:`~medunet.errors.MedunetError` naming the cases.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medunet.errors import MedunetError
+from medunet.evaluation import cases as case_io
+from medunet.evaluation.aggregate import FOREGROUND, aggregate, foreground_per_case
+from medunet.evaluation.metrics import (
+    DEFAULT_TOLERANCE_MM,
+    FAILURE_STATUSES,
+    empty_prediction_metrics,
+    evaluate_case,
+    label_metrics,
+    tolerance_for,
+)
+from medunet.evaluation.outputs import summary_json, write_case_csv, write_summary_json
+from medunet.evaluation.provenance import build_provenance, peak_memory_mb
+
+
+@dataclass
+class CaseOutcome:
+    """What one worker found for one case: per-label metrics, labels seen, and any problem."""
+
+    pair: case_io.CasePair
+    metrics: dict[int, dict[str, Any]]
+    n_voxels: int
+    ref_labels: set[int]
+    pred_labels: set[int]
+    note: str = ""
+
+
+@dataclass
+class EvaluationResult:
+    """Per-case rows, aggregates and the files written by :func:`evaluate_folders`."""
+
+    rows: list[dict[str, Any]]
+    aggregates: dict[str, dict[str, dict[str, float]]]
+    labels: dict[int, str]
+    problems: list[str]
+    provenance: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def mean(self, metric: str = "dice", label: int | str = FOREGROUND) -> float:
+        """Mean of a metric over cases for one label value or ``"foreground"``."""
+        return self.aggregates[str(label)][metric]["mean"]
+
+    def foreground_per_case(self) -> list[dict[str, float]]:
+        """One row per case, its foreground labels combined (see :mod:`medunet.evaluation.aggregate`)."""
+        return foreground_per_case(self.rows)
+
+    def to_dataframe(self):
+        """The per-case rows as a pandas DataFrame (needs pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    out_dir: str | Path | None = None,
+    labels: Mapping | None = None,
+    dataset_json: str | Path | None = None,
+    tolerance_mm: float | Mapping[int | str, float] = DEFAULT_TOLERANCE_MM,
+    provenance: Mapping[str, Any] | None = None,
+    report: bool = True,
+    images_dir: str | Path | None = None,
+    workers: int | None = None,
+    skip_missing: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    title: str | None = None,
+) -> EvaluationResult:
+    """Evaluate every reference in ``ref_dir`` against its prediction in ``pred_dir`` and write the outputs.
+
+    Args:
+        pred_dir: folder of predicted label maps.
+        ref_dir: folder of reference label maps (e.g. ``labelsTr``).
+        out_dir: where ``cases.csv``, ``summary.json``, ``report.html`` and ``report.pdf`` go; default
+            ``pred_dir/evaluation``.
+        labels: ``{value: name}`` (or dataset.json's ``{"name": value}``); default from ``dataset_json``.
+        dataset_json: MSD/nnU-Net ``dataset.json``; default the one in or next to ``ref_dir``; without
+            either, the labels are those found in the references.
+        tolerance_mm: NSD tolerance in mm, one for all labels or ``{label value or name: mm}``.
+        provenance: what produced the predictions (network, checkpoint, ...), shown in the report.
+        report: also write the HTML and PDF report.
+        images_dir: images to show under the overlays (``case.nii.gz`` or ``case_0000.nii.gz``).
+        workers: processes computing cases in parallel; default up to 8 (the CPU count); 0 or 1 serial.
+        skip_missing: leave references without a prediction out instead of counting them as failures.
+        strict: raise :class:`MedunetError` on any missing, extra or mismatched prediction.
+        progress: show a progress bar.
+        title: report title.
+
+    Example:
+        >>> result = evaluate_folders("preds", "Task04_Hippocampus/labelsTr", "eval")  # doctest: +SKIP
+        >>> result.mean("dice", label=1)  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    out_dir = Path(out_dir) if out_dir is not None else pred_dir / "evaluation"
+    pairs, extra = case_io.match_cases(pred_dir, ref_dir)
+    problems = [f"prediction without reference (ignored): {name}" for name in extra]
+    problems += [f"missing prediction: {pair.name}" for pair in pairs if pair.pred_file is None]
+    if skip_missing:
+        pairs = [pair for pair in pairs if pair.pred_file is not None]
+    label_names, dataset_json = _resolve_labels(labels, dataset_json, ref_dir)
+
+    outcomes = _run_cases(pairs, label_names, tolerance_mm, workers, progress)
+    if label_names is None:
+        label_names = {label: str(label) for label in sorted(set().union(*(o.ref_labels for o in outcomes)))}
+        if not label_names:
+            raise MedunetError(f"the references in {ref_dir} contain no foreground label: check the folder")
+    problems += _outcome_problems(outcomes, label_names)
+    if strict and problems:
+        raise MedunetError("evaluation problems (strict mode):\n  " + "\n  ".join(problems))
+    rows = [row for outcome in outcomes for row in _case_rows(outcome, label_names, tolerance_mm)]
+    aggregates = aggregate(rows, label_names)
+    settings = {
+        "pred_dir": str(pred_dir),
+        "ref_dir": str(ref_dir),
+        "dataset_json": str(dataset_json) if dataset_json else "none (labels from the references)",
+        "n_cases": len(outcomes),
+        "nsd_tolerance_mm": {name: tolerance_for(v, name, tolerance_mm) for v, name in label_names.items()},
+        "missing_predictions": "skipped" if skip_missing else "scored as failures",
+        "runtime_s": round(time.perf_counter() - start, 2),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    result = EvaluationResult(rows, aggregates, label_names, problems, build_provenance(provenance, settings))
+    _write_outputs(result, out_dir, report, images_dir, title)
+    return result
+
+
+def evaluate_pair(
+    pair: case_io.CasePair, labels: Mapping[int, str] | None, tolerance_mm: float | Mapping[int | str, float]
+) -> CaseOutcome:
+    """Read and evaluate one case (runs in a worker process). ``labels`` None: all labels present."""
+    ref, ref_geometry = case_io.read_image(pair.ref_file)
+    ref_labels = _labels_present(ref)
+    if pair.pred_file is None:
+        return CaseOutcome(pair, _empty(ref, ref_geometry, labels, ref_labels, tolerance_mm, "missing_prediction"),
+                           ref.size, ref_labels, set())
+    pred, pred_geometry = case_io.read_image(pair.pred_file)
+    mismatch = ref_geometry.mismatch(pred_geometry)
+    if pred.shape != ref.shape:
+        note = f"{pair.name}: prediction {mismatch}; scored as an empty prediction"
+        metrics = _empty(ref, ref_geometry, labels, ref_labels, tolerance_mm, "shape_mismatch")
+        return CaseOutcome(pair, metrics, ref.size, ref_labels, set(), note)
+    pred_labels = _labels_present(pred)
+    to_evaluate = labels if labels is not None else sorted(ref_labels | pred_labels)
+    metrics = evaluate_case(pred, ref, ref_geometry.spacing, to_evaluate, tolerance_mm)
+    note = f"{pair.name}: prediction {mismatch}; evaluated in the reference geometry" if mismatch else ""
+    return CaseOutcome(pair, metrics, ref.size, ref_labels, pred_labels, note)
+
+
+def _empty(ref, geometry, labels, ref_labels, tolerance_mm, status) -> dict[int, dict[str, Any]]:
+    to_evaluate = labels if labels is not None else sorted(ref_labels)
+    return empty_prediction_metrics(ref, geometry.spacing, to_evaluate, tolerance_mm, status)
+
+
+def _run_cases(
+    pairs: Sequence[case_io.CasePair],
+    labels: Mapping[int, str] | None,
+    tolerance_mm: float | Mapping[int | str, float],
+    workers: int | None,
+    progress: bool,
+) -> list[CaseOutcome]:
+    """Evaluate all pairs, in a process pool when ``workers`` > 1; results in the order of ``pairs``."""
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    workers = min(workers, len(pairs))
+    bar = tqdm(total=len(pairs), desc="evaluate", unit="case", disable=not progress)
+    if workers <= 1:
+        outcomes = []
+        for pair in pairs:
+            outcomes.append(evaluate_pair(pair, labels, tolerance_mm))
+            bar.update()
+        bar.close()
+        return outcomes
+    # The platform's default start method (fork on Linux up to Python 3.13): fast, and scripts without an
+    # ``if __name__ == "__main__":`` guard keep working there. Workers use only numpy, scipy and SimpleITK.
+    by_name = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+        futures = [pool.submit(evaluate_pair, pair, labels, tolerance_mm) for pair in pairs]
+        for future in as_completed(futures):
+            outcome = future.result()
+            by_name[outcome.pair.name] = outcome
+            bar.update()
+    bar.close()
+    return [by_name[pair.name] for pair in pairs]
+
+
+def _case_rows(
+    outcome: CaseOutcome, labels: Mapping[int, str], tolerance_mm: float | Mapping[int | str, float]
+) -> list[dict[str, Any]]:
+    """One row per label of a case; labels absent from both images get a ``both_empty`` row."""
+    rows = []
+    for label, name in labels.items():
+        metrics = outcome.metrics.get(label)
+        if metrics is None:  # labels were inferred and this case has the label in neither image
+            metrics = label_metrics(np.zeros(0, bool), np.zeros(0, bool), (1.0,), math.nan, math.nan)
+            metrics["tn"] = float(outcome.n_voxels)
+        rows.append({
+            "case": outcome.pair.name,
+            "label": label,
+            "label_name": name,
+            "failure": metrics["status"] in FAILURE_STATUSES or metrics["dice"] == 0,
+            **metrics,
+            "nsd_tolerance_mm": tolerance_for(label, name, tolerance_mm),
+            "prediction_file": str(outcome.pair.pred_file or ""),
+            "reference_file": str(outcome.pair.ref_file),
+            "note": outcome.note,
+        })
+    return rows
+
+
+def _outcome_problems(outcomes: Sequence[CaseOutcome], labels: Mapping[int, str]) -> list[str]:
+    problems = [outcome.note for outcome in outcomes if outcome.note]
+    for outcome in outcomes:
+        unknown = sorted(outcome.pred_labels - set(labels))
+        if unknown:
+            problems.append(f"{outcome.pair.name}: prediction has label values {unknown} not in the label set; ignored")
+    return problems
+
+
+def _resolve_labels(
+    labels: Mapping | None, dataset_json: str | Path | None, ref_dir: Path
+) -> tuple[dict[int, str] | None, Path | None]:
+    if labels is not None:
+        return case_io.parse_labels(labels), None
+    dataset_json = Path(dataset_json) if dataset_json else case_io.find_dataset_json(ref_dir)
+    if dataset_json is None:
+        return None, None
+    if not dataset_json.is_file():
+        raise MedunetError(f"dataset.json {dataset_json} does not exist: pass the file of the dataset or leave it out")
+    return case_io.read_labels(dataset_json), dataset_json
+
+
+def _labels_present(array: np.ndarray) -> set[int]:
+    """Non-zero label values in a label map (bincount for small integer labels: faster than unique)."""
+    if array.dtype.kind in "ui" and array.size and 0 <= array.min() and array.max() < 65536:
+        counts = np.bincount(array.ravel())
+        return {int(v) for v in np.flatnonzero(counts) if v}
+    return {int(v) for v in np.unique(np.rint(array)) if v}
+
+
+def _write_outputs(
+    result: EvaluationResult, out_dir: Path, report: bool, images_dir: str | Path | None, title: str | None
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.files["cases_csv"] = write_case_csv(result.rows, out_dir / "cases.csv")
+    extra = {"labels": result.labels, "problems": result.problems, "provenance": result.provenance}
+    summary = summary_json(result.rows, result.aggregates, extra)
+    result.files["summary_json"] = write_summary_json(summary, out_dir / "summary.json")
+    if report:
+        from medunet.evaluation.report import write_report
+
+        result.files.update(write_report(result, out_dir, images_dir=images_dir, title=title))
