@@ -10,6 +10,7 @@ from medunet.errors import MedunetError
 
 # Each module defines ``register(subparsers)`` that adds its sub-command(s) and sets ``func``.
 COMMAND_MODULES = (
+    "medunet.cli.data_cmd",
     "medunet.cli.networks_cmd",
     "medunet.cli.evaluate_cmd",
 )

@@ -1,0 +1,67 @@
+"""``medunet check-data``, ``make-phantom``, ``make-datalist``: validate, synthesise and split MSD tasks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the data sub-commands to the ``medunet`` parser."""
+    check = subparsers.add_parser(
+        "check-data", help="validate an MSD task folder before training (all problems at once)"
+    )
+    check.add_argument("task_dir", metavar="TASK_DIR", help="MSD task folder holding dataset.json")
+    check.add_argument("--datalist", help="k-fold datalist JSON to check instead of dataset.json 'training'")
+    check.add_argument(
+        "--headers-only", action="store_true", help="read image headers only (faster; labels are still read)"
+    )
+    check.set_defaults(func=_check_data)
+
+    phantom = subparsers.add_parser("make-phantom", help="write a synthetic MSD-format task (CT or MRI)")
+    phantom.add_argument("out_dir", metavar="OUT_DIR", help="task folder to write, e.g. data/Task90_PhantomCT")
+    phantom.add_argument("--kind", choices=("ct", "mri"), default="ct", help="CT in HU or MRI-like (default ct)")
+    phantom.add_argument("--cases", type=int, default=4, help="labelled training cases (default 4)")
+    phantom.add_argument("--test-cases", type=int, default=1, help="unlabelled cases in imagesTs (default 1)")
+    phantom.add_argument("--size", type=int, nargs=3, default=(48, 48, 32), metavar=("X", "Y", "Z"),
+                         help="voxels per axis (default 48 48 32)")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    phantom.add_argument("--channels", type=int, default=1, help="image channels; >1 writes 4D images (default 1)")
+    phantom.set_defaults(func=_make_phantom)
+
+    folds = subparsers.add_parser("make-datalist", help="write k-fold cross-validation splits for a task")
+    folds.add_argument("task_dir", metavar="TASK_DIR", help="MSD task folder holding dataset.json")
+    folds.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    folds.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    folds.add_argument("--out", help="output JSON (default data_lists/<TaskFolder>_folds.json)")
+    folds.set_defaults(func=_make_datalist)
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from medunet.data.check import assert_task_ok
+
+    task = assert_task_ok(args.task_dir, args.datalist, read_images=not args.headers_only, progress=sys.stderr.isatty())
+    print(
+        f"{task.folder_name}: OK ({len(task.training)} training, {len(task.test)} test case(s), "
+        f"{task.num_channels} channel(s), labels {task.labels})"
+    )
+    return 0
+
+
+def _make_phantom(args: argparse.Namespace) -> int:
+    from medunet.data.phantom import make_phantom_task
+
+    root = make_phantom_task(
+        args.out_dir, kind=args.kind, num_cases=args.cases, num_test=args.test_cases, size=tuple(args.size),
+        seed=args.seed, channels=args.channels,
+    )
+    print(f"wrote {args.kind.upper()} phantom task {root} ({args.cases} training, {args.test_cases} test case(s))")
+    return 0
+
+
+def _make_datalist(args: argparse.Namespace) -> int:
+    from medunet.data.datalist import write_datalist
+
+    out = write_datalist(args.task_dir, args.out, num_folds=args.folds, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
