@@ -17,6 +17,7 @@ import base64
 import datetime
 import html
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -360,7 +361,7 @@ def _front_page(result: EvaluationResult, title: str) -> Figure:
     page.text(0.07, 0.95, title, fontsize=18, weight="bold", va="top")
     created = datetime.datetime.now().isoformat(timespec="seconds")
     page.text(0.07, 0.915, f"Created {created} by medunet evaluate", fontsize=8, color="grey", va="top")
-    page.text(0.07, 0.89, "Intended use: " + INTENDED_USE, fontsize=9, va="top", wrap=True,
+    page.text(0.07, 0.89, textwrap.fill("Intended use: " + INTENDED_USE, 95), fontsize=9, va="top",
               bbox={"facecolor": "#fff3e0", "edgecolor": "#ef6c00"})
     lines = [f"{key}: {value}" for key, value in _provenance_rows(result.provenance)]
     problems = result.problems or ["none: every reference had a matching prediction"]
@@ -385,7 +386,7 @@ def _table_pages(result: EvaluationResult) -> list[Figure]:
         table.auto_set_font_size(False)
         table.set_fontsize(7.5)
         table.auto_set_column_width(list(range(len(TABLE_HEADER))))
-        page.text(0.04, 0.04, METHOD_NOTE, fontsize=7, wrap=True, va="bottom")
+        page.text(0.04, 0.04, textwrap.fill(METHOD_NOTE, 170), fontsize=7, va="bottom")
         pages.append(page)
     return pages
 
