@@ -14,6 +14,7 @@ from torch import nn
 from medunet.errors import MedunetError
 from medunet.networks.layers import ActType, DropoutType, NormType, conv_norm_act
 from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skips import OrdinarySkips
 
 
@@ -128,3 +129,20 @@ class LUNet(UNetSkeleton):
             spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+
+
+register_class(LUNet)
+# The authors' presets: small = 5 levels x 2 convs, large = 4 levels x 3 convs; N f = first-level width.
+for _size, _levels, _convs, _widths in (("small", 5, 2, (1, 2, 3, 4, 8, 16)), ("large", 4, 3, (6, 12, 24))):
+    for _features in _widths:
+        register_preset(
+            f"lunet_{_size}_{_features}f", LUNet, "lunet",
+            f"Lean UNet, {_levels} levels x {_convs} convs, constant width {_features}",
+            twin=f"unet_{_size}_{_features}f",
+            features=_features, levels=_levels, convs_per_block=_convs, flat=True,
+        )
+        register_preset(
+            f"unet_{_size}_{_features}f", LUNet, "lunet",
+            f"Doubling twin of lunet_{_size}_{_features}f: widths {_features}..{_features * 2 ** (_levels - 1)}",
+            features=_features, levels=_levels, convs_per_block=_convs, flat=False,
+        )

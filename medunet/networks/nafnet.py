@@ -17,6 +17,7 @@ from torch import nn
 from medunet.errors import MedunetError
 from medunet.networks.layers import ChannelLayerNorm, PixelShuffle, SimplifiedChannelAttention, pointwise
 from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skips import OrdinarySkips
 
 
@@ -131,3 +132,21 @@ class NAFNet(UNetSkeleton):
     ) -> None:
         parts = nafnet_parts(spatial_dims, in_channels, out_channels, width, encoder_blocks, middle_blocks, decoder_blocks)
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+
+
+NAFNET_CONFIGS: dict[str, dict] = {
+    # name: (description, keywords)
+    "nafnet_w32_sidd": dict(width=32, encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2)),
+    "nafnet_w32_gopro": dict(width=32, encoder_blocks=(1, 1, 1, 28), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
+    "nafnet_w16_light": dict(width=16, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
+    "nafnet_w8_light": dict(width=8, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
+}
+
+register_class(NAFNet)
+for _name, _config in NAFNET_CONFIGS.items():
+    register_preset(
+        _name, NAFNet, "nafnet",
+        f"NAFNet width {_config['width']}, blocks {_config['encoder_blocks']}/{_config['middle_blocks']}/"
+        f"{_config['decoder_blocks']}",
+        **_config,
+    )

@@ -22,6 +22,7 @@ from medunet.networks.layers import (
     conv_norm_act,
 )
 from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skips import OrdinarySkips
 
 VARIANTS = ("e", "ed")
@@ -152,3 +153,19 @@ class OneNet(UNetSkeleton):
             act, norm, auxiliary_heads,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+
+
+register_class(OneNet)
+for _variant in VARIANTS:
+    for _levels in (4, 5):
+        register_preset(
+            f"onenet_{_variant}{_levels}_64f", OneNet, "onenet",
+            f"OneNet_{_variant},{_levels} as in the paper's Table 2: base width 64, stem repeat 3",
+            variant=_variant, features=64, levels=_levels, stem_repeat=3,
+        )
+    for _features in (8, 16):
+        register_preset(
+            f"onenet_{_variant}4_{_features}f", OneNet, "onenet",
+            f"OneNet_{_variant},4 sized for 3D volumes: base width {_features}",
+            variant=_variant, features=_features, levels=4, stem_repeat=3,
+        )

@@ -12,8 +12,9 @@ from typing import Any
 
 from medunet.errors import MedunetError
 from medunet.networks.conv_unet import conv_unet_parts, lunet_widths
-from medunet.networks.nafnet import nafnet_parts
+from medunet.networks.nafnet import NAFNET_CONFIGS, nafnet_parts
 from medunet.networks.onenet import onenet_parts
+from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skeleton import UNetParts, UNetSkeleton
 from medunet.networks.skips import AggregatedSkips
 
@@ -96,3 +97,21 @@ class UNetMinus(UNetSkeleton):
             piece_channels, iem,
         )
         super().__init__(spatial_dims, parts, skips, pad_input)
+
+
+register_class(UNetMinus)
+for _target in ("coarsest", "intermediate", "finest"):
+    for _backbone_preset, _config in NAFNET_CONFIGS.items():
+        register_preset(
+            f"unetmm_{_backbone_preset}_{_target}", UNetMinus, "unet--",
+            f"UNet-- on {_backbone_preset}, E' at the {_target} skip level",
+            twin=_backbone_preset, backbone="nafnet", target=_target, **_config,
+        )
+    for _features in (8, 16):
+        for _flat, _name in ((False, "unet"), (True, "lunet")):
+            register_preset(
+                f"unetmm_{_name}_small_{_features}f_{_target}", UNetMinus, "unet--",
+                f"UNet-- on {_name}_small_{_features}f (5 levels x 2 convs), E' at the {_target} skip level",
+                twin=f"{_name}_small_{_features}f", backbone=_name, target=_target,
+                features=_features, levels=5, convs_per_block=2,
+            )

@@ -1,0 +1,51 @@
+"""``medunet profile NAME... --shape ...``: side-by-side efficiency table with ratios to a baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure parameters, MACs, peak memory, skip memory and latency of networks side by side",
+        description="Profile registered networks (see `medunet networks`) on one input shape. Peak memory is "
+        "measured in a fresh process per figure on the CPU, with CUDA allocator statistics on a GPU.",
+    )
+    parser.add_argument("names", nargs="+", help="registry names, e.g. lunet_small_8f monai_unet_spleen")
+    parser.add_argument("--shape", default="1x1x128x128x128", help="input BxCx[D]xHxW (default 1x1x128x128x128)")
+    parser.add_argument("--out-channels", type=int, default=2, help="classes the networks output (default 2)")
+    parser.add_argument("--baseline", help="name to divide by (default: the first name)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step figures")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory figures (faster)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (default 3)")
+    parser.add_argument("--json", type=Path, help="also write the raw results to this JSON file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medunet.networks import get_preset
+    from medunet.profiling import comparison_rows, markdown_table, parse_shape, profile
+
+    shape = parse_shape(args.shape)
+    for name in args.names:
+        get_preset(name)  # fail fast, before minutes of profiling, on a misspelt name
+    results = []
+    for name in tqdm(args.names, desc="profiling", unit="net"):
+        results.append(
+            profile(name, shape, device=args.device, train=not args.no_train, memory=not args.no_memory,
+                    repeats=args.repeats, out_channels=args.out_channels)
+        )
+    baseline = args.baseline or args.names[0]
+    print(f"\ninput {'x'.join(map(str, shape))} on {args.device}; ratios to {baseline}")
+    print(markdown_table(comparison_rows(results, baseline)))
+    if results[0].memory_method:
+        print(f"peak memory: {results[0].memory_method}")
+    if args.json:
+        args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
