@@ -12,6 +12,7 @@ from medunet.errors import MedunetError
 COMMAND_MODULES = (
     "medunet.cli.data_cmd",
     "medunet.cli.networks_cmd",
+    "medunet.cli.profile_cmd",
     "medunet.cli.evaluate_cmd",
 )
 
