@@ -99,8 +99,8 @@ def make_case(
     """
     if kind not in ("ct", "mri"):
         raise MedunetError(f"phantom kind must be 'ct' or 'mri', got {kind!r}. Fix: pass --kind ct or --kind mri.")
-    if len(size) != 3 or min(size) < 8:
-        raise MedunetError(f"phantom size must be three numbers of at least 8, got {size}. Fix: e.g. --size 48 48 32.")
+    if len(size) != 3 or min(size) < 4:
+        raise MedunetError(f"phantom size must be three numbers of at least 4, got {size}. Fix: e.g. --size 48 48 32.")
     if channels < 1:
         raise MedunetError(f"phantom channels must be at least 1, got {channels}.")
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ format allows it, then the voxels when they are needed.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,8 @@ class SimpleITKReader(ImageReader):
             img: a ``sitk.Image`` from ``read`` or a sequence of them.
         """
         arrays, metas = [], []
-        for image in ensure_tuple(img):
+        # Not ensure_tuple: a sitk.Image is itself iterable (over its pixels).
+        for image in [img] if isinstance(img, sitk.Image) else img:
             array = _sitk_array(image)
             spatial_shape = np.asarray(image.GetSize()[:3])
             affine = _sitk_affine_ras(image)
@@ -213,6 +215,10 @@ def read_array(path: PathLike) -> np.ndarray:
     Args:
         path: an image file or DICOM folder. Raises whatever the underlying reader raises if unreadable.
     """
+    if has_suffix(path, (".nii.gz",)):
+        # Decompress the whole stream so a damaged gzip payload or CRC is caught; nibabel alone stops
+        # reading after the voxels it needs and never verifies the checksum.
+        return np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(Path(path).read_bytes())).dataobj)
     if has_suffix(path, NIFTI_SUFFIXES):
         return np.asanyarray(nib.load(str(path)).dataobj)
     return _sitk_array(read_sitk_image(path))

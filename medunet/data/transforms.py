@@ -45,7 +45,7 @@ def preprocess_transforms(preset: TaskPreset, keys: Sequence[str]) -> list[MapTr
     chain: list[MapTransform] = [
         load_image_transform(keys, image_only=True),
         EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS"),
+        Orientationd(keys, axcodes="RAS", labels=None),  # labels=None: follow the meta "space" (RAS)
     ]
     if preset.target_spacing is not None:
         chain.append(Spacingd(keys, pixdim=preset.target_spacing, mode=modes))
