@@ -1,8 +1,9 @@
 """The MONAI networks medunet is measured against, in the configurations people actually use.
 
 Each factory takes the MONAI-style ``spatial_dims, in_channels, out_channels`` and returns MONAI's own
-class (state dicts stay compatible with MONAI bundles). Like medunet's networks, they pad inputs to a
-size they accept and crop the output back, through forward hooks.
+class wrapped in :class:`PadToDivisible`, so that, like medunet's networks, they take any input size
+(MONAI's classes need multiples of 2**levels). The MONAI module is ``.network``; its state dict is
+the wrapper's under the ``network.`` prefix.
 """
 
 from __future__ import annotations
@@ -18,28 +19,26 @@ from torch import nn
 from medunet.networks.registry import register_preset
 
 
-def _pad_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    x = args[0]
-    divisor = module._medunet_size_divisor
-    spatial = list(x.shape[2:])
-    module._medunet_input_size = spatial
-    pad: list[int] = []
-    for size in spatial[::-1]:
-        pad += [0, (divisor - size % divisor) % divisor]
-    return (F.pad(x, pad), *args[1:]) if any(pad) else args
+class PadToDivisible(nn.Module):
+    """Let ``network`` take any input size: pad to a multiple of ``divisor`` (and at least ``min_size``)
+    before the forward, crop the output back after. The wrapped network is ``self.network``."""
 
+    def __init__(self, network: nn.Module, divisor: int, min_size: int = 0) -> None:
+        super().__init__()
+        self.network = network
+        self.divisor = divisor
+        self.min_size = min_size
 
-def _crop_output(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    spatial = module._medunet_input_size
-    return output[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
-
-
-def pad_to_divisible(net: nn.Module, divisor: int) -> nn.Module:
-    """Let ``net`` take any input size: pad to a multiple of ``divisor`` before, crop after."""
-    net._medunet_size_divisor = divisor
-    net.register_forward_pre_hook(_pad_input)
-    net.register_forward_hook(_crop_output)
-    return net
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        pad: list[int] = []
+        for size in spatial[::-1]:
+            padded = size + (self.divisor - size % self.divisor) % self.divisor
+            pad += [0, max(padded, self.min_size) - size]
+        out = self.network(F.pad(x, pad) if sum(pad) > 0 else x)
+        if len(spatial) == 2:
+            return out[:, :, : spatial[0], : spatial[1]]
+        return out[:, :, : spatial[0], : spatial[1], : spatial[2]]
 
 
 def monai_unet_spleen(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, checkpoint: bool = False,
@@ -47,17 +46,17 @@ def monai_unet_spleen(spatial_dims: int = 3, in_channels: int = 1, out_channels:
     """MONAI UNet as in the spleen segmentation bundle: channels 16..256, 4 stride-2 levels, 2 residual units."""
     cls = CheckpointUNet if checkpoint else UNet
     config = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
-    return pad_to_divisible(cls(spatial_dims, in_channels, out_channels, **{**config, **kwargs}), 16)
+    return PadToDivisible(cls(spatial_dims, in_channels, out_channels, **{**config, **kwargs}), 16)
 
 
 def monai_basicunet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs: Any) -> nn.Module:
     """MONAI BasicUNet with its default features (32, 32, 64, 128, 256, 32)."""
-    return pad_to_divisible(BasicUNet(spatial_dims, in_channels, out_channels, **kwargs), 16)
+    return PadToDivisible(BasicUNet(spatial_dims, in_channels, out_channels, **kwargs), 16)
 
 
 def monai_segresnet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs: Any) -> nn.Module:
     """MONAI SegResNet with its defaults (8 initial filters, blocks (1, 2, 2, 4))."""
-    return pad_to_divisible(
+    return PadToDivisible(
         SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs), 8
     )
 
@@ -68,14 +67,16 @@ def monai_dynunet_nnunet(spatial_dims: int = 3, in_channels: int = 1, out_channe
     strides = [[1] * spatial_dims] + [[2] * spatial_dims] * 5
     config = dict(filters=[32, 64, 128, 256, 320, 320], norm_name="instance", res_block=False)
     net = DynUNet(spatial_dims, in_channels, out_channels, kernels, strides, strides[1:], **{**config, **kwargs})
-    return pad_to_divisible(net, 32)
+    # Instance norm needs more than one voxel at the bottleneck: at least 2 after 5 halvings.
+    return PadToDivisible(net, 32, min_size=64)
 
 
 register_preset("monai_unet_spleen", monai_unet_spleen, "baseline", monai_unet_spleen.__doc__, baseline=True)
 register_preset(
     "monai_checkpoint_unet_spleen", monai_unet_spleen, "baseline",
-    "MONAI CheckpointUNet (activation checkpointing) in the spleen-bundle configuration: the memory baseline.",
-    baseline=True, checkpoint=True,
+    "MONAI CheckpointUNet (activation checkpointing) in the spleen-bundle configuration: the memory baseline. "
+    "Not scriptable: it uses torch.utils.checkpoint.",
+    baseline=True, scriptable=False, checkpoint=True,
 )
 register_preset("monai_basicunet", monai_basicunet, "baseline", monai_basicunet.__doc__, baseline=True)
 register_preset("monai_segresnet", monai_segresnet, "baseline", monai_segresnet.__doc__, baseline=True)

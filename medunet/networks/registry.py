@@ -31,6 +31,8 @@ class NetworkPreset:
     baseline: bool = False
     #: Name of the preset this one is compared with like for like (e.g. UNet-- vs its backbone).
     twin: str | None = None
+    #: False where TorchScript cannot compile the network (e.g. activation checkpointing).
+    scriptable: bool = True
 
     def build(self, **overrides: Any) -> nn.Module:
         return self.factory(**{**self.defaults, **overrides})
@@ -47,12 +49,13 @@ def register_preset(
     description: str,
     baseline: bool = False,
     twin: str | None = None,
+    scriptable: bool = True,
     **defaults: Any,
 ) -> None:
     """Register ``name``; building it calls ``factory(**defaults, **overrides)``."""
     if name in _PRESETS:
         raise ValueError(f"network preset {name!r} is registered twice")
-    _PRESETS[name] = NetworkPreset(name, factory, family, description, defaults, baseline, twin)
+    _PRESETS[name] = NetworkPreset(name, factory, family, description, defaults, baseline, twin, scriptable)
 
 
 def register_class(cls: type[nn.Module]) -> type[nn.Module]:

@@ -40,21 +40,24 @@ def _skip_sources(net: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def measure_skip_bytes(net: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes of skip tensors held during ``net(x)`` (run under ``torch.no_grad``)."""
+    from medunet.networks.baselines import PadToDivisible
+
     handles = []
-    if isinstance(net, UNetSkeleton):
+    inner = net.network if isinstance(net, PadToDivisible) else net
+    if isinstance(inner, UNetSkeleton):
         peak = [0]
 
         def record_state(module: nn.Module, args: tuple, state: list[torch.Tensor]) -> None:
             peak[0] = max(peak[0], _nbytes(state))
 
-        handles.append(net.skips.register_forward_hook(record_state))
+        handles.append(inner.skips.register_forward_hook(record_state))
     else:
         peak = [0]
 
         def add(tensors: object) -> None:
             peak[0] += _nbytes(tensors)
 
-        for module, where in _skip_sources(net):
+        for module, where in _skip_sources(inner):
             hook: Callable = (lambda m, args, out: add(out)) if where == "output" else (lambda m, args: add(args[0]))
             handles.append(module.register_forward_hook(hook) if where == "output" else module.register_forward_pre_hook(hook))
     try:
