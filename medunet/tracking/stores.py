@@ -1,0 +1,129 @@
+"""Where a run is tracked: resolving the tracking URI, the local SQLite stores, and store failures.
+
+Resolution of the tracking URI, first match wins:
+
+1. the explicit argument (``--tracking-uri``);
+2. the ``MLFLOW_TRACKING_URI`` environment variable;
+3. the default local store ``sqlite:///<cwd>/mlruns/mlruns.db``, artifacts in ``<cwd>/mlruns/artifacts``.
+
+One store per working directory (not one per run directory) so that all runs started from a project
+folder can be compared side by side in ``mlflow ui --backend-store-uri sqlite:///mlruns/mlruns.db``.
+A plain path or ``file://`` URI names a local store too (a ``.db`` file, or a folder that holds
+``mlruns.db``): MLflow 3 no longer accepts the file store, so medunet maps such paths to SQLite.
+
+When a store fails (server unreachable, database locked, ...) the run continues in the fallback store
+``<run_dir>/mlruns/mlruns.db`` (or the default local store when there is no run directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+STORE_FOLDER = "mlruns"
+STORE_FILE = "mlruns.db"
+ARTIFACT_FOLDER = "artifacts"
+
+# HTTP limits while talking to a tracking server, unless the user set these variables: the first call
+# probes (no retry, short timeout) so an unreachable server costs seconds, not MLflow's default minutes
+# of retries; later calls allow one retry so a blip does not move the run to the fallback store.
+PROBE_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+RUN_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+# MLflow error codes meaning "the store is fine but refused this one value": not a reason to fall back.
+REJECTED_VALUE_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE"})
+
+
+def local_store_uri(folder: str | Path) -> str:
+    """``sqlite:///<abs folder>/mlruns.db``: the SQLite store kept in ``folder`` (created when used)."""
+    return "sqlite:///" + str(Path(folder).expanduser().resolve() / STORE_FILE)
+
+
+def default_store_uri() -> str:
+    """The default local store: ``sqlite:///<cwd>/mlruns/mlruns.db``."""
+    return local_store_uri(Path.cwd() / STORE_FOLDER)
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The URI to track in: ``tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > :func:`default_store_uri`.
+
+    A plain path or ``file://`` URI becomes a local SQLite store (a ``.db`` file, else a folder holding
+    ``mlruns.db``); relative ``sqlite:///`` paths are made absolute so the URI is valid from anywhere.
+    """
+    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "").strip()
+    if not uri:
+        return default_store_uri()
+    if uri.startswith("file:"):
+        uri = unquote(urlparse(uri).path)
+    if "://" not in uri:
+        path = Path(uri).expanduser()
+        return "sqlite:///" + str(path.resolve()) if path.suffix == ".db" else local_store_uri(path)
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments of a local SQLite store keep artifacts: ``artifacts/`` beside the database.
+
+    None for other stores: a tracking server decides itself (``--artifacts-destination``).
+    """
+    database = sqlite_path(uri)
+    return (database.parent / ARTIFACT_FOLDER).as_uri() if database else None
+
+
+def is_remote(uri: str) -> bool:
+    """Whether the store is reached over the network (an MLflow server), not a local database."""
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def prepare_store(uri: str) -> None:
+    """Create the folder of a local SQLite store so MLflow can create the database in it."""
+    database = sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def http_limits(probe: bool) -> Iterator[None]:
+    """Temporarily set MLflow's HTTP retry/timeout variables that the user has not set themselves."""
+    limits = PROBE_HTTP_LIMITS if probe else RUN_HTTP_LIMITS
+    added = {key: value for key, value in limits.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def is_rejected_value(error: BaseException) -> bool:
+    """True when the store answered and refused one value (e.g. a parameter logged twice, changed).
+
+    Anything else (connection refused, timeout, HTTP 5xx, locked or unwritable database, missing
+    permission) means the store cannot take the run, and the tracker moves to its fallback store.
+    """
+    return getattr(error, "error_code", None) in REJECTED_VALUE_CODES
+
+
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """The error's innermost cause in one line, e.g. ``Connection refused``."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    text = " ".join(str(error).split()) or type(error).__name__
+    if "Errno" in text:  # "...: [Errno 111] Connection refused'))" -> "[Errno 111] Connection refused"
+        text = text[text.rindex("[Errno"):].rstrip("')\"")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
