@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "medunet.cli.networks_cmd",
     "medunet.cli.profile_cmd",
     "medunet.cli.evaluate_cmd",
+    "medunet.cli.tracking_cmd",
 )
 
 
