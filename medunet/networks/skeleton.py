@@ -38,7 +38,9 @@ class DecoderStage(nn.Module):
     def join(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if self.merge == "concat":
             return torch.cat([x, skip], dim=1)
-        return x + skip
+        # In place: ``x`` is the fresh output of ``up`` and no backward needs its old value, so
+        # this saves one full-size tensor at the finest level.
+        return x.add_(skip)
 
 
 @dataclass

@@ -102,12 +102,13 @@ class MSIAMPiece(nn.Module):
 
 
 class IEMExpand(nn.Module):
-    """IEM for one decoder level: resize E' to the level, project to its width, enhance.
+    """IEM for one decoder level: enhance E', resize it to the level and project it to the level's width.
 
-    Projection runs at the coarser of the two resolutions (project-then-shuffle going finer,
-    unshuffle-then-project going coarser). ``mode="enhanced"`` adds a residual depthwise 3x3(x3)
-    refinement and a sigmoid channel gate (squeeze-excitation style) to the plain projection; the
-    paper does not publish its enhancement, so this design is ours and ``"plain"`` is kept to compare.
+    All work runs at the coarser of the two resolutions (enhance and project before a pixel-shuffle,
+    unshuffle before projecting), so the only full-size tensors IEM makes at a fine level are the
+    projection and its shuffled copy. ``mode="enhanced"`` refines E' with a residual depthwise
+    3x3(x3) conv and a sigmoid channel gate (squeeze-excitation style) before projecting; the paper
+    does not publish its enhancement, so this design is ours and ``"plain"`` is kept to compare.
     """
 
     def __init__(self, spatial_dims: int, agg_channels: int, out_channels: int, steps: int, mode: str) -> None:
@@ -123,18 +124,18 @@ class IEMExpand(nn.Module):
             self.project = pointwise(spatial_dims, agg_channels * scale, out_channels)
         self.enhanced = mode == "enhanced"
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.refine = conv(out_channels, out_channels, 3, padding=1, groups=out_channels) if self.enhanced else nn.Identity()
-        self.gate = pointwise(spatial_dims, out_channels, out_channels) if self.enhanced else nn.Identity()
+        channels = agg_channels if self.enhanced else 1
+        self.refine = conv(channels, channels, 3, padding=1, groups=channels) if self.enhanced else nn.Identity()
+        self.gate = pointwise(spatial_dims, channels, channels) if self.enhanced else nn.Identity()
 
     def forward(self, aggregate: torch.Tensor) -> torch.Tensor:
-        if self.steps > 0:
-            x = self.resize(self.project(aggregate))
-        else:
-            x = self.project(self.resize(aggregate))
+        x = aggregate
         if self.enhanced:
             x = x + self.refine(x)
             x = x * torch.sigmoid(self.gate(x.mean(dim=list(range(2, x.dim())), keepdim=True)))
-        return x
+        if self.steps > 0:
+            return self.resize(self.project(x))
+        return self.project(self.resize(x))
 
 
 class AggregatedSkips(nn.Module):
