@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medunet.errors import MedunetError
-from medunet.tracking.stores import resolve_tracking_uri
+from medunet.tracking.stores import resolve_tracking_uri, sqlite_path
 from medunet.tracking.tracker import Tracker
 
 #: Metrics shown by ``medunet runs`` when some listed run has them, in this order.
@@ -69,6 +69,9 @@ def recent_runs(
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():  # MLflow would create an empty store there
+        raise MedunetError(f"no MLflow store at {database}: track a run first, or pass --tracking-uri")
     client = MlflowClient(tracking_uri=uri)
     try:
         found = client.get_experiment_by_name(experiment)
