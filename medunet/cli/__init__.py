@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "medunet.cli.data_cmd",
     "medunet.cli.networks_cmd",
     "medunet.cli.profile_cmd",
+    "medunet.cli.bench_cmd",
     "medunet.cli.evaluate_cmd",
     "medunet.cli.tracking_cmd",
 )

@@ -1,0 +1,120 @@
+"""Benchmark outputs: a CSV, a markdown table with ratios to the baseline, and Pareto plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medunet.bench.efficiency import EfficiencyResult
+from medunet.profiling import comparison_rows, markdown_table
+from medunet.profiling.profiler import MIB
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Rows of dicts as CSV; the header is the union of keys in first-seen order."""
+    fields: list[str] = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def efficiency_tables(results: Sequence[EfficiencyResult], baseline: str) -> str:
+    """One markdown table per input shape, figures with ratios to ``baseline`` measured alongside."""
+    sections = []
+    shapes = list(dict.fromkeys(r.profile.input_shape for r in results))
+    for shape in shapes:
+        subset = [r for r in results if r.profile.input_shape == shape]
+        rows = comparison_rows([r.profile for r in subset], baseline)
+        reference = next((r for r in subset if r.profile.name == baseline), None)
+        for row, result in zip(rows, subset):
+            if result.throughput_vps is None:
+                continue
+            cell = f"{result.throughput_vps / 1e6:.2f}"
+            if reference and reference.throughput_vps and result is not reference:
+                cell += f" ({result.throughput_vps / reference.throughput_vps:.2f}x)"
+            row["SW Mvox/s"] = cell
+        if any("SW Mvox/s" in row for row in rows):
+            for row in rows:
+                row.setdefault("SW Mvox/s", "-")
+        sections.append(f"Input {'x'.join(map(str, shape))}:\n\n{markdown_table(rows)}")
+    return "\n\n".join(sections)
+
+
+def accuracy_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
+    """Dice per label for each trained network, with the difference to ``baseline``'s mean Dice."""
+    reference = next((r for r in rows if r["network"] == baseline), None)
+    table = []
+    for row in rows:
+        cells = {"network": row["network"]}
+        for key, value in row.items():
+            if key.startswith("dice_") or key == "mean_dice":
+                cells[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if reference and row is not reference:
+            cells["mean_dice"] += f" ({row['mean_dice'] - reference['mean_dice']:+.4f})"
+        cells["train min"] = f"{row.get('train_seconds', 0) / 60:.1f}"
+        table.append(cells)
+    return markdown_table(table)
+
+
+def provenance_line() -> str:
+    """Date, machine, device and commit, for the head of a results file."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return (
+        f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {device}, "
+        f"torch {torch.__version__}, commit {commit}"
+    )
+
+
+def pareto_plot(
+    efficiency: Sequence[EfficiencyResult], accuracy: Sequence[dict[str, Any]], shape: tuple[int, ...], path: Path,
+) -> Path | None:
+    """Mean Dice against parameters and against peak inference memory at ``shape``; None without data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = {row["network"]: row["mean_dice"] for row in accuracy}
+    points = [r.profile for r in efficiency if r.profile.input_shape == shape and r.profile.name in dice]
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (label, value) in zip(
+        axes,
+        [("parameters", lambda p: p.params), ("peak inference memory (MiB)", lambda p: (p.peak_infer_bytes or 0) / MIB)],
+    ):
+        xs = [value(p) for p in points]
+        ys = [dice[p.name] for p in points]
+        colours = ["tab:red" if p.name.startswith("monai_") else "tab:blue" for p in points]
+        ax.scatter(xs, ys, c=colours)
+        for x, y, p in zip(xs, ys, points):
+            ax.annotate(p.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean Dice (validation fold)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Accuracy against cost at {'x'.join(map(str, shape))} (red: MONAI baselines)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
