@@ -38,7 +38,13 @@ def _volume(text: str | None, quick: bool) -> tuple[int, int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medunet.bench.efficiency import BENCH_NETWORKS, FULL_SHAPES, QUICK_NETWORKS, QUICK_SHAPES, run_efficiency
+    from medunet.bench.efficiency import (
+        BENCH_NETWORKS,
+        FULL_SHAPES,
+        QUICK_NETWORKS,
+        QUICK_SHAPES,
+        run_efficiency,
+    )
     from medunet.bench.results import efficiency_tables, provenance_line, write_csv
     from medunet.networks import get_preset, list_networks
 

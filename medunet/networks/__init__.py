@@ -13,7 +13,13 @@ from medunet.networks import baselines  # noqa: F401  (registers the MONAI basel
 from medunet.networks.conv_unet import LUNet
 from medunet.networks.nafnet import NAFNet
 from medunet.networks.onenet import OneNet
-from medunet.networks.registry import NetworkPreset, create_network, get_preset, list_networks, register_preset
+from medunet.networks.registry import (
+    NetworkPreset,
+    create_network,
+    get_preset,
+    list_networks,
+    register_preset,
+)
 from medunet.networks.skeleton import UNetSkeleton
 from medunet.networks.unet_minus import UNetMinus
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from medunet.errors import MedunetError
 from medunet.networks.layers import ActType, DropoutType, NormType, conv_norm_act
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.registry import register_class, register_preset
+from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.skips import OrdinarySkips
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from medunet.errors import MedunetError
 from medunet.networks.layers import ChannelLayerNorm, PixelShuffle, SimplifiedChannelAttention, pointwise
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.registry import register_class, register_preset
+from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.skips import OrdinarySkips
 
 

@@ -21,8 +21,8 @@ from medunet.networks.layers import (
     PixelUnshuffle,
     conv_norm_act,
 )
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.registry import register_class, register_preset
+from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.skips import OrdinarySkips
 
 VARIANTS = ("e", "ed")

@@ -7,11 +7,14 @@ another's heap). See :mod:`medunet.profiling.memory`.
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,14 +90,29 @@ def measure_peak(
 ) -> tuple[int, str]:
     """Peak memory of one inference forward (``train=False``) or training step, and how it was measured.
 
-    On the CPU this runs in a fresh spawned process by default (``isolate``) so the figure is the
-    growth of a fresh process's footprint.
+    On the CPU this runs in a fresh Python process by default (``isolate``) so the figure is the
+    growth of a fresh process's footprint. The child is started with ``python -m`` (not
+    multiprocessing), so callers need no ``if __name__ == "__main__"`` guard.
     """
     isolate = torch.device(device).type == "cpu" if isolate is None else isolate
     if not isolate:
         return _peak_bytes(network, overrides, shape, device, train)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_peak_bytes, network, overrides, shape, device, train).result()
+    with tempfile.TemporaryDirectory(prefix="medunet-peak-") as folder:
+        job = Path(folder) / "job.pt"
+        torch.save({"network": network, "overrides": overrides, "shape": shape, "device": device, "train": train}, job)
+        done = subprocess.run(
+            [sys.executable, "-m", "medunet.profiling.profiler", str(job)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"peak-memory measurement failed in its child process:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["peak_bytes"], result["method"]
+
+
+def _measure_job(job_file: str) -> None:
+    job = torch.load(job_file, weights_only=False)
+    peak, method = _peak_bytes(job["network"], job["overrides"], tuple(job["shape"]), job["device"], job["train"])
+    print(json.dumps({"peak_bytes": peak, "method": method}))
 
 
 def count_macs(net: nn.Module, x: torch.Tensor) -> int:
@@ -176,3 +194,7 @@ def profile(
         if train:
             result.peak_train_bytes, _ = measure_peak(source, shape, str(device), True, **overrides)
     return result
+
+
+if __name__ == "__main__":
+    _measure_job(sys.argv[1])
