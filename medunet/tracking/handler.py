@@ -15,7 +15,8 @@ What is logged (``step`` is the trainer's epoch unless said otherwise):
 
 - at the start: parameters ``max_epochs``, ``epoch_length``, ``batch_size``, ``optimizer``,
   ``loss_function`` (those the trainer has);
-- ``train_loss_iter`` every ``iteration_log`` iterations (step: the global iteration);
+- ``train_loss_iter`` every ``iteration_log`` iterations (step: the global iteration), sent in one
+  request per epoch (and when the run ends, so a crashed epoch's losses are kept too);
 - each epoch: ``train_loss`` (mean over the epoch's iterations), ``lr`` (``lr_group_<i>`` for further
   parameter groups), and the trainer's own ``engine.state.metrics`` prefixed ``train_``;
 - each validation: the evaluator's ``engine.state.metrics`` prefixed ``val_`` (``val_mean_dice`` stays as
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -75,6 +77,8 @@ class MLflowTrackingHandler:
         self.evaluator: Engine | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._iteration_losses: list[tuple[int, float, int]] = []  # (iteration, loss, time in ms) not sent yet
+        tracker.before_end(self.flush_iterations)
 
     def attach(self, trainer: Engine | None = None, evaluator: Engine | None = None) -> MLflowTrackingHandler:
         """Register on ``trainer`` and/or ``evaluator`` (an evaluator alone: metrics at step 0)."""
@@ -106,9 +110,15 @@ class MLflowTrackingHandler:
         self._loss_sum += loss
         self._loss_count += 1
         if self.iteration_every and engine.state.iteration % self.iteration_every == 0:
-            self.tracker.log_metrics({f"{self.train_prefix}_loss_iter": loss}, step=engine.state.iteration)
+            self._iteration_losses.append((engine.state.iteration, loss, int(time.time() * 1000)))
+
+    def flush_iterations(self) -> None:
+        """Send the per-iteration losses gathered since the last flush."""
+        points, self._iteration_losses = self._iteration_losses, []
+        self.tracker.log_series(f"{self.train_prefix}_loss_iter", points)
 
     def log_epoch(self, engine: Engine) -> None:
+        self.flush_iterations()
         values: dict[str, Any] = dict(engine.state.metrics)
         if self._loss_count:
             values["loss"] = self._loss_sum / self._loss_count

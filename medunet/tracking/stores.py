@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -120,10 +121,11 @@ def is_rejected_value(error: BaseException) -> bool:
 
 
 def short_error(error: BaseException, limit: int = 200) -> str:
-    """The error's innermost cause in one line, e.g. ``Connection refused``."""
-    while error.__cause__ is not None or error.__context__ is not None:
+    """The error in one line, MLflow's wrapping removed: e.g. ``[Errno 111] Connection refused``."""
+    while type(error).__name__ in ("MlflowException", "RestException") and (error.__cause__ or error.__context__):
         error = error.__cause__ or error.__context__  # type: ignore[assignment]
     text = " ".join(str(error).split()) or type(error).__name__
-    if "Errno" in text:  # "...: [Errno 111] Connection refused'))" -> "[Errno 111] Connection refused"
-        text = text[text.rindex("[Errno"):].rstrip("')\"")
+    socket_error = re.search(r"\[Errno \d+\][^\"')]*", text)
+    if socket_error and not text.startswith("[Errno"):  # requests' "HTTPConnectionPool(...): ... [Errno 111] ..."
+        text = socket_error.group(0).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."

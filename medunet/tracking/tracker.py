@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,7 @@ class Tracker:
         self._warned: set[str] = set()
         self._started = False
         self._ended = False
+        self._before_end: list[Callable[[], None]] = []
 
     # ----------------------------------------------------------------------------------------- life
     def start(self) -> Tracker:
@@ -119,6 +120,9 @@ class Tracker:
         """End the run with MLflow status ``FINISHED``, ``FAILED`` or ``KILLED``."""
         if not self.enabled or not self._started or self._ended:
             return
+        for flush in self._before_end:
+            with contextlib.suppress(Exception):
+                flush()
         self._ended = True
         if self.journal_file is None:
             try:
@@ -197,6 +201,20 @@ class Tracker:
             timestamp = int(time.time() * 1000)
             self._record(_Op("metrics", [(key, value, timestamp, int(step or 0)) for key, value in values.items()]))
         return values
+
+    def log_series(self, key: str, points: Sequence[tuple[int, float, int]]) -> None:
+        """Log many steps of one metric in one request: ``(step, value, timestamp in ms)`` points.
+
+        The handler batches per-iteration losses this way, so a remote server gets one request an
+        epoch rather than one an iteration.
+        """
+        if points and self.enabled:
+            name = clean_key(key)
+            self._record(_Op("metrics", [(name, float(value), int(stamp), int(step)) for step, value, stamp in points]))
+
+    def before_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the run ends, before it is closed (e.g. to flush buffered values)."""
+        self._before_end.append(callback)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values as text, clipped to 8000 characters); a tag set again is overwritten."""
@@ -383,7 +401,7 @@ class Tracker:
         """Move the run to the local fallback store and replay the journal; if that fails, keep the journal."""
         target = stores.local_store_uri((self.run_dir or Path.cwd()) / stores.STORE_FOLDER)
         if self.fell_back or target == self.uri:
-            self._give_up(error)
+            self._give_up(error, self.uri)
             return
         self.failed_uri = self.uri
         logger.warning(
@@ -398,7 +416,7 @@ class Tracker:
             for op in self._journal:
                 self._replay(op)
         except Exception as fallback_error:  # noqa: BLE001
-            self._give_up(fallback_error)
+            self._give_up(fallback_error, target)
 
     def _replay(self, op: _Op) -> None:
         if op.kind == "artifact" and not Path(op.payload[0]).exists():
@@ -411,12 +429,15 @@ class Tracker:
             if not stores.is_rejected_value(error):
                 raise
 
-    def _give_up(self, error: BaseException) -> None:
+    def _give_up(self, error: BaseException, uri: str) -> None:
         """Both stores failed: keep values in the journal and write it to a JSON file now and at the end."""
-        self.journal_file = (self.run_dir or Path.cwd() / stores.STORE_FOLDER) / JOURNAL_FILE
+        if self.run_dir is not None:
+            self.journal_file = self.run_dir / JOURNAL_FILE
+        else:
+            self.journal_file = Path.cwd() / stores.STORE_FOLDER / f"tracking_journal_{clean_key(self.run_name)}.json"
         self._write_journal("RUNNING")
         logger.warning("MLflow tracking failed in %s too (%s); tracking stops for run %r and its values are "
-                       "saved in %s.", self.uri, stores.short_error(error), self.run_name, self.journal_file)
+                       "saved in %s.", uri, stores.short_error(error), self.run_name, self.journal_file)
 
     def _write_journal(self, status: str) -> None:
         record: dict[str, Any] = {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
