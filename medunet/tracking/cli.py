@@ -63,7 +63,8 @@ def recent_runs(
 ) -> list[dict[str, str]]:
     """The latest runs of ``experiment``, newest first, as table rows of text.
 
-    Columns: run name, id, status, start, network, commit, then each of :data:`KEY_METRICS` and
+    Columns: run name, id, kind (the ``kind`` tag: train, infer, evaluate, bench), status, start, network,
+    commit, then each of :data:`KEY_METRICS` and
     ``metrics`` that at least one run has (its last value).
     """
     from mlflow import MlflowClient
@@ -91,6 +92,7 @@ def recent_runs(
         row = {
             "run": run.info.run_name or "",
             "id": run.info.run_id[:8],
+            "kind": tags.get("kind", "-"),
             "status": run.info.status,
             "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
             "network": next((params[key] for key in _NETWORK_PARAMS if key in params), "-"),
