@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "medunet.cli.bench_cmd",
     "medunet.cli.evaluate_cmd",
     "medunet.cli.tracking_cmd",
+    "medunet.cli.bundle_cmd",
 )
 
 
