@@ -27,3 +27,12 @@ def hippocampus_dir() -> Path:
 @pytest.fixture
 def spleen_dir() -> Path:
     return _task_dir("Task09_Spleen")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tracking_store(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Commands track to MLflow by default; in tests, one throw-away SQLite store for the session."""
+    import os
+
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlruns.db"

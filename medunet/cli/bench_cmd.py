@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-train", action="store_true", help="skip training-step memory and latency")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest"), help="output folder (default benchmarks/latest)")
+    from medunet.tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from medunet.bench.results import efficiency_tables, provenance_line, write_csv
     from medunet.networks import get_preset, list_networks
+    from medunet.tracking import tracker_from_args
 
     networks = args.networks or list(QUICK_NETWORKS if args.quick else BENCH_NETWORKS)
     if networks == ["all"]:
@@ -56,16 +60,23 @@ def run(args: argparse.Namespace) -> int:
     for name in networks:
         get_preset(name)  # fail fast on a misspelt name
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else FULL_SHAPES)
-    results = run_efficiency(
-        networks, shapes, device=args.device, memory=True, train=not args.no_train, repeats=args.repeats,
-        volume=_volume(args.volume, args.quick),
-    )
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv([r.as_dict() for r in results], args.out / "efficiency.csv")
-    tables = efficiency_tables(results, args.baseline)
-    report = f"# medunet bench\n\n{provenance_line()}\n\nRatios are to `{args.baseline}`, measured in the same run.\n\n{tables}\n"
-    (args.out / "efficiency.md").write_text(report)
-    (args.out / "efficiency.json").write_text(json.dumps([r.as_dict() for r in results], indent=2, default=str))
+    with tracker_from_args(args, args.out, tags={"kind": "bench"}, device=args.device) as tracker:
+        tracker.log_params({"networks": networks, "shapes": shapes, "baseline": args.baseline, "quick": args.quick})
+        results = run_efficiency(
+            networks, shapes, device=args.device, memory=True, train=not args.no_train, repeats=args.repeats,
+            volume=_volume(args.volume, args.quick),
+        )
+        write_csv([r.as_dict() for r in results], args.out / "efficiency.csv")
+        tables = efficiency_tables(results, args.baseline)
+        report = f"# medunet bench\n\n{provenance_line()}\n\nRatios are to `{args.baseline}`, measured in the same run.\n\n{tables}\n"
+        (args.out / "efficiency.md").write_text(report)
+        (args.out / "efficiency.json").write_text(json.dumps([r.as_dict() for r in results], indent=2, default=str))
+        for result in results:
+            shape = "x".join(map(str, result.profile.input_shape))
+            tracker.log_profile(result.profile, prefix=f"{result.profile.name}.{shape}")
+        tracker.log_artifact(args.out, "bench")
     print(report)
     print(f"written: {args.out}/efficiency.csv, efficiency.md, efficiency.json")
+    print(tracker.describe())
     return 0

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medunet.errors import MedunetError
+
+if TYPE_CHECKING:
+    from medunet.evaluation import EvaluationResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true", help="fail on any missing, extra or mismatched case")
     parser.add_argument("--no-report", action="store_true", help="write only cases.csv and summary.json")
     parser.add_argument("--title", help="report title")
+    from medunet.tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser)
     parser.set_defaults(func=_evaluate)
 
 
@@ -60,9 +67,21 @@ def _read_provenance(path: Path | None) -> dict | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from medunet.tracking import tracker_from_args
+
+    with tracker_from_args(args, args.out or args.pred / "evaluation", tags={"kind": "evaluate"}) as tracker:
+        tracker.log_params({"pred": str(args.pred), "ref": str(args.ref), "tolerance_mm": args.tolerance_mm})
+        result = _run(args)
+        tracker.log_evaluation(result)
+    _print(result)
+    print(tracker.describe())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> EvaluationResult:
     from medunet.evaluation import evaluate_folders
 
-    result = evaluate_folders(
+    return evaluate_folders(
         args.pred,
         args.ref,
         out_dir=args.out,
@@ -76,6 +95,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         strict=args.strict,
         title=args.title,
     )
+
+
+def _print(result: EvaluationResult) -> None:
     for problem in result.problems:
         print(f"warning: {problem}")
     for label, name in result.labels.items():
@@ -84,4 +106,3 @@ def _evaluate(args: argparse.Namespace) -> int:
               f"HD95 {stats['hd95_mm']['mean']:.2f} mm, failures {int(stats['dice']['n_failures'])}")
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
-    return 0

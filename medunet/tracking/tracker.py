@@ -257,8 +257,10 @@ class Tracker:
             self.log_params(loaded)
         self.log_artifact(path)
 
-    def log_profile(self, result: ProfileResult) -> dict[str, float]:
+    def log_profile(self, result: ProfileResult, prefix: str = "") -> dict[str, float]:
         """Log the profiler's model facts as metrics (MB = MiB, as in ``medunet profile``).
+
+        ``prefix`` (e.g. ``"lunet_small_8f.1x1x128x128x128"``) keeps several profiles apart in one run.
 
         ``model_params``, ``model_size_mb``, ``model_macs``, ``skip_memory_mb``, ``latency_ms`` and, when
         measured, ``peak_infer_mb``, ``peak_train_mb``, ``train_latency_ms``; the profiled network, input
@@ -276,13 +278,13 @@ class Tracker:
             "peak_train_mb": None if result.peak_train_bytes is None else result.peak_train_bytes / MIB,
             "train_latency_ms": result.train_latency_ms,
         }
-        self.log_params({"profile": {
+        self.log_params({f"profile.{prefix}".rstrip("."): {
             "network": result.name,
             "input_shape": "x".join(map(str, result.input_shape)),
             "device": result.device,
             "memory_method": result.memory_method or "not measured",
         }})
-        return self.log_metrics({key: value for key, value in facts.items() if value is not None})
+        return self.log_metrics({key: value for key, value in facts.items() if value is not None}, prefix=prefix)
 
     def log_evaluation(
         self,

@@ -1,0 +1,81 @@
+"""``medunet bench`` and ``medunet profile`` end to end on tiny inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medunet.cli import main
+from medunet.profiling import PeakMemory, count_macs, measure_skip_bytes, profile
+
+
+def test_profile_counts_what_it_should() -> None:
+    net = torch.nn.Conv3d(1, 4, 3, padding=1)
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert count_macs(net, x) == 4 * 1 * 27 * 8**3
+    result = profile("lunet_small_2f", "1x1x32x32x32", train=False, memory=False, repeats=1)
+    assert result.params == sum(p.numel() for p in result_network_params("lunet_small_2f"))
+    assert result.macs > 0 and result.latency_ms > 0
+
+
+def result_network_params(name: str) -> list[torch.nn.Parameter]:
+    from medunet.networks import create_network
+
+    return list(create_network(name, spatial_dims=3, in_channels=1).parameters())
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        del block
+    assert memory.peak_bytes >= 60 * 2**20
+
+
+def test_skip_memory_of_the_monai_unet_is_the_sum_of_its_skip_inputs() -> None:
+    from medunet.networks import create_network
+
+    net = create_network("monai_unet_spleen", channels=(2, 4, 8, 16, 32)).eval()
+    # MONAI's UNet keeps the input of each SkipConnection: each strided conv's output (it never keeps
+    # the full-resolution input), down to the one beside the bottom block.
+    expected = 4 * (2 * 16**3 + 4 * 8**3 + 8 * 4**3 + 16 * 2**3)
+    assert measure_skip_bytes(net, torch.randn(1, 1, 32, 32, 32)) == expected
+
+
+def test_isolated_peak_is_measured_in_a_fresh_process() -> None:
+    result = profile("lunet_small_2f", "1x1x32x32x32", train=True, memory=True, repeats=1)
+    assert result.peak_infer_bytes > 0 and result.peak_train_bytes > result.peak_infer_bytes
+    assert "RSS" in result.memory_method
+
+
+def test_profile_command_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["profile", "lunet_small_2f", "unet_small_2f", "--shape", "1x1x32x32x32", "--no-memory", "--no-train",
+                 "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ratios to lunet_small_2f" in out and "x)" in out
+
+
+def test_bench_quick_writes_csv_markdown_and_tracks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    code = main(["bench", "--networks", "lunet_small_2f", "--baseline", "unet_small_2f", "--shapes", "1x1x32x32x32",
+                 "--volume", "48x48x32", "--no-train", "--repeats", "1", "--out", str(out),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"])
+    assert code == 0
+    rows = list(csv.DictReader((out / "efficiency.csv").open()))
+    assert [r["name"] for r in rows] == ["unet_small_2f", "lunet_small_2f"]
+    assert all(float(r["throughput_vps"]) > 0 and int(r["peak_infer_bytes"]) > 0 for r in rows)
+    table = (out / "efficiency.md").read_text()
+    assert "Ratios are to `unet_small_2f`" in table and "lunet_small_2f" in table
+    assert json.loads((out / "efficiency.json").read_text())[1]["params"] < json.loads((out / "efficiency.json").read_text())[0]["params"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.get_experiment_by_name("medunet")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'bench'")
+    assert run.data.metrics["lunet_small_2f.1x1x32x32x32_model_params"] == float(rows[1]["params"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["bench"]
