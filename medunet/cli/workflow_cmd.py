@@ -1,0 +1,116 @@
+"""``medunet train``, ``medunet infer`` and ``medunet demo``: the workflows of :mod:`medunet.engines`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from medunet.errors import MedunetError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_train(subparsers)
+    _register_infer(subparsers)
+    _register_demo(subparsers)
+
+
+# -- train ------------------------------------------------------------------------------------------------
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a network on one fold of an MSD task (resumes an interrupted run)",
+        description="Run a workflow config (workflows/*.json, MONAI bundle style) with the options below as "
+        "overrides. Rerunning the same command after a crash resumes from RUN_DIR/checkpoints/checkpoint_last.pt. "
+        "Under torchrun every process runs this command and rank 0 writes.",
+    )
+    parser.add_argument("task_dir", nargs="?", type=Path,
+                        help="MSD task folder; picks workflows/<task>.json and sets --data-root (or use --workflow)")
+    parser.add_argument("--workflow", type=Path, help="workflow config file (default: the task's, from TASK_DIR)")
+    parser.add_argument("--network", help="network name from 'medunet networks' (default: the workflow's)")
+    parser.add_argument("--fold", type=int, help="validation fold of the datalist (default: the workflow's, 0)")
+    parser.add_argument("--data-root", type=Path, help="MSD task folder the datalist paths are relative to")
+    parser.add_argument("--datalist", type=Path, help="k-fold datalist JSON (default: the workflow's)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: the workflow's run_dir)")
+    parser.add_argument("--epochs", type=int, help="max_epochs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any top-level workflow key, VALUE as JSON; repeatable "
+                        "(e.g. --set learning_rate=3e-4 --set epoch_length=50 --set cache='\"disk\"')")
+    parser.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from medunet.engines.config import build_overrides, parse_settings, run_workflow, workflow_for_task
+
+    if args.workflow is None and args.task_dir is None:
+        raise MedunetError("name a task folder or a workflow. Fix: 'medunet train TASK_DIR' or "
+                           "'medunet train --workflow workflows/task04_hippocampus.json --data-root TASK_DIR'.")
+    workflow = args.workflow or workflow_for_task(args.task_dir)
+    overrides = build_overrides(network=args.network, fold=args.fold, data_root=args.data_root or args.task_dir,
+                                datalist=args.datalist, run_dir=args.run_dir, epochs=args.epochs,
+                                settings=parse_settings(args.set))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results = run_workflow(workflow, overrides)
+    summary = next((r for r in results if isinstance(r, dict) and "run_dir" in r), None)
+    if summary is not None and _is_main():
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -- infer ------------------------------------------------------------------------------------------------
+def _register_infer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "infer",
+        help="predict label maps for a folder, files or a DICOM series with a trained run",
+        description="Sliding-window inference with RUN_DIR/models/model.pt; writes OUT/<case>.nii.gz in each "
+        "input's original space (same shape and affine), ready for 'medunet evaluate --pred OUT --ref labelsTr'.",
+    )
+    parser.add_argument("--run-dir", required=True, type=Path, help="a training run folder (config.json, models/)")
+    parser.add_argument("--input", required=True, type=Path, nargs="+",
+                        help="image files, folders of images (NIfTI/NRRD/MHA), or DICOM series folders")
+    parser.add_argument("--output", type=Path, help="output folder (default: RUN_DIR/predictions)")
+    parser.add_argument("--checkpoint", default="best", help="'best' (models/model.pt), 'last' or a .pt file")
+    parser.add_argument("--device", help="device for the network (default: cuda when present, else cpu)")
+    parser.add_argument("--stitch-on-cpu", action="store_true",
+                        help="stitch the sliding-window output on the CPU, for volumes that do not fit on the GPU")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.set_defaults(func=_infer)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from medunet.engines.inference import predict_run
+
+    written = predict_run(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device,
+                          stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    out = written[0].parent if written else args.output
+    print(f"wrote {len(written)} prediction(s) to {out}")
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="phantom task -> brief training -> inference -> evaluation report, in a few minutes on a CPU",
+        description="Generate a synthetic CT task, train on fold 0, predict the held-out cases in their original "
+        "space, evaluate them and write the HTML/PDF report.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--network", help="network name from 'medunet networks' (default: the demo workflow's)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo workflow's)")
+    parser.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from medunet.engines.demo import run_demo
+
+    run_demo(args.out, network=args.network, epochs=args.epochs)
+    return 0

@@ -1,0 +1,241 @@
+"""Checkpoints and per-epoch records of a training run, written atomically by rank 0.
+
+Why not MONAI's ``CheckpointSaver`` alone: ignite deletes the previous ``n_saved`` file *before* writing the
+next, so a kill in between leaves no checkpoint, and a single saved object is written as a bare state_dict.
+:class:`RunRecorder` writes every file to a temporary name in the same folder, fsyncs it and ``os.replace``-s
+it over the old one: a SIGKILL at any moment leaves either the previous complete file or the new one.
+Resuming still goes through MONAI's ``CheckpointLoader`` (see :mod:`medunet.engines.training`).
+
+Files (``RUN_DIR`` layout in :mod:`medunet.engines`):
+
+- ``models/model.pt``: best validation mean Dice, ``{"model": state_dict}`` as MONAI bundles load it;
+- ``models/model_last.pt``: the last epoch, same layout;
+- ``checkpoints/checkpoint_last.pt``: resume state ``{"network", "optimizer", "lr_scheduler", "trainer",
+  "run_state"[, "scaler", "early_stop"]}``; ``run_state`` holds the history, the best score and whether the
+  run finished;
+- ``metrics.csv`` and ``metrics.json``: one row per epoch (train loss, learning rate, validation Dice, time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+MODEL_FILE = "models/model.pt"
+LAST_MODEL_FILE = "models/model_last.pt"
+RESUME_FILE = "checkpoints/checkpoint_last.pt"
+METRICS_CSV = "metrics.csv"
+METRICS_JSON = "metrics.json"
+KEY_METRIC = "val_mean_dice"
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written ``path`` (temporary file + ``os.replace``).
+
+    Args:
+        obj: what to save (state dicts, tensors, plain Python values).
+        path: the destination file; its folder is created.
+    """
+    _replace_atomically(Path(path), lambda file: torch.save(obj, file))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Args:
+        text: the content.
+        path: the destination file; its folder is created.
+    """
+    _replace_atomically(Path(path), lambda file: file.write(text.encode("utf-8")))
+
+
+def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The network state_dict of ``model.pt``/``model_last.pt`` (``{"model": ...}``) or of a bare state_dict.
+
+    Args:
+        path: a checkpoint file written by :class:`RunRecorder` or by a MONAI bundle.
+        map_location: where to put the tensors.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    for key in ("model", "network"):
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    return dict(checkpoint)
+
+
+def _finite(value: Any) -> Any:
+    """Plain float for tensors/numbers; NaN becomes None so JSON and CSV stay valid."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+class RunRecorder:
+    """Ignite handler recording a run: per-epoch history, best and last models, resume checkpoint.
+
+    Attach with :meth:`attach` to the trainer and the evaluator *after* ``ValidationHandler`` and
+    ``LrScheduleHandler`` so each epoch's files include that epoch's validation and scheduler step.
+
+    Args:
+        run_dir: the run folder.
+        network: the network (unwrapped from DDP) whose weights are saved.
+        resume_objects: what the resume checkpoint holds besides ``run_state`` (optimizer, scheduler, trainer...).
+        label_names: foreground label value -> name, for the per-label Dice columns.
+        write: whether this process writes (rank 0); other ranks only keep the history.
+        key_metric: evaluator metric that picks the best model (higher is better).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        network: torch.nn.Module,
+        resume_objects: Mapping[str, Any],
+        label_names: Mapping[int, str],
+        write: bool = True,
+        key_metric: str = KEY_METRIC,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.network = network
+        self.resume_objects = dict(resume_objects)
+        self.label_names = dict(label_names)
+        self.write = write
+        self.key_metric = key_metric
+        self.history: list[dict[str, Any]] = []
+        self.best_metric = -1.0
+        self.best_epoch = 0
+        self.finished = False
+        self.stop_reason = ""
+        self._losses: list[float] = []
+        self._validation: dict[str, Any] = {}
+        self._epoch_start = 0.0
+        self._learning_rate: float | None = None
+
+    # ``run_state`` in the resume checkpoint: restored by MONAI's CheckpointLoader via load_state_dict.
+    def state_dict(self) -> dict[str, Any]:
+        """History, best score and completion flag (plain values, loadable with ``weights_only=True``)."""
+        return {
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "finished": self.finished,
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.history = list(state.get("history", []))
+        self.best_metric = float(state.get("best_metric", -1.0))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.finished = bool(state.get("finished", False))
+        self.stop_reason = str(state.get("stop_reason", ""))
+
+    def attach(self, trainer: Engine, evaluator: Engine | None) -> None:
+        """Hook the recorder to the trainer's epochs and iterations and to the evaluator's completion."""
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        trainer.add_event_handler(Events.COMPLETED, self._completed)
+        if evaluator is not None:
+            evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validation_completed)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._losses, self._validation, self._epoch_start = [], {}, time.perf_counter()
+        optimizer = self.resume_objects.get("optimizer")
+        self._learning_rate = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        output = engine.state.output
+        item = output[0] if isinstance(output, Sequence) and not isinstance(output, Mapping) else output
+        if isinstance(item, Mapping) and "loss" in item:
+            self._losses.append(float(item["loss"]))
+
+    def _validation_completed(self, evaluator: Engine) -> None:
+        metrics = evaluator.state.metrics
+        mean_dice = _finite(metrics.get(self.key_metric))
+        self._validation = {self.key_metric: mean_dice}
+        details = getattr(evaluator.state, "metric_details", {}).get(self.key_metric)
+        if details is not None:  # (cases, foreground labels), gathered over ranks by MONAI
+            per_label = torch.nanmean(torch.as_tensor(details, dtype=torch.float64), dim=0)
+            for value, score in zip(sorted(self.label_names), per_label.tolist(), strict=False):
+                self._validation[f"val_dice_{self.label_names[value]}"] = _finite(score)
+        if mean_dice is not None and mean_dice > self.best_metric:
+            self.best_metric, self.best_epoch = float(mean_dice), int(self.resume_objects["trainer"].state.epoch)
+            if self.write:
+                atomic_torch_save({"model": self.network.state_dict()}, self.run_dir / MODEL_FILE)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        losses = self._losses
+        row = {
+            "epoch": int(engine.state.epoch),
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "learning_rate": self._learning_rate,
+            **self._validation,
+            "epoch_seconds": round(time.perf_counter() - self._epoch_start, 2),
+        }
+        self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+        self._save(engine)
+
+    def _completed(self, engine: Engine) -> None:
+        self.finished = True
+        self.stop_reason = "early stop" if engine.should_terminate else "max_epochs reached"
+        if self.write and not (self.run_dir / MODEL_FILE).exists():  # never validated: the last model is the best
+            atomic_torch_save({"model": self.network.state_dict()}, self.run_dir / MODEL_FILE)
+        self._save(engine)
+
+    def _save(self, engine: Engine) -> None:
+        if not self.write:
+            return
+        # Models first, then the resume checkpoint, then the tables: a kill between writes leaves a
+        # checkpoint that is never ahead of the weights it describes.
+        atomic_torch_save({"model": self.network.state_dict()}, self.run_dir / LAST_MODEL_FILE)
+        resume = {name: obj.state_dict() for name, obj in self.resume_objects.items() if obj is not None}
+        resume["run_state"] = self.state_dict()
+        atomic_torch_save(resume, self.run_dir / RESUME_FILE)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        """Rewrite ``metrics.csv`` and ``metrics.json`` from the history."""
+        columns: list[str] = []
+        for row in self.history:
+            columns += [key for key in row if key not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(buffer.getvalue(), self.run_dir / METRICS_CSV)
+        summary = {
+            "best_metric": self.best_metric if self.best_epoch else None,
+            "best_epoch": self.best_epoch or None,
+            "key_metric": self.key_metric,
+            "finished": self.finished,
+            "stop_reason": self.stop_reason,
+            "epochs": self.history,
+        }
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / METRICS_JSON)

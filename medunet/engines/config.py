@@ -1,0 +1,168 @@
+"""Workflow configs: MONAI bundle-style JSON files in ``workflows/``, loaded with ``monai.bundle.ConfigParser``.
+
+A workflow file runs unchanged with ``python -m monai.bundle run --config_file workflows/<x>.json`` (add
+``--dataset_dir``, ``--fold``, ``--network_name``... to override). ``medunet train`` loads the same file and
+applies its options as overrides of the same top-level keys:
+
+==================  =====================  ==============================================================
+option              key                    note
+==================  =====================  ==============================================================
+``--network NAME``  ``network_name``       any ``medunet networks`` name; resets ``network_def`` to
+                                           ``$create_network(@network_name, **@network_args)``
+``--fold K``        ``fold``
+``--data-root DIR`` ``dataset_dir``        the MSD task folder
+``--datalist F``    ``datalist``
+``--run-dir DIR``   ``run_dir``
+``--epochs N``      ``max_epochs``
+``--set KEY=JSON``  any key                e.g. ``--set learning_rate=3e-4``, or a whole ``network_def`` with
+                                           any ``_target_``
+==================  =====================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+from medunet.data import load_task, preset_for_task
+from medunet.engines.checkpoint import atomic_write_text
+from medunet.errors import MedunetError
+from medunet.paths import REPO_ROOT
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+NETWORK_DEF = "$create_network(@network_name, **@network_args)"
+WORKFLOW_COPY = "workflow.json"
+
+
+def list_workflows() -> list[Path]:
+    """The workflow files shipped in ``workflows/``."""
+    return sorted(WORKFLOWS_DIR.glob("*.json"))
+
+
+def workflow_for_task(task_dir: str | Path) -> Path:
+    """The shipped workflow of a task folder: ``workflows/task04_hippocampus.json`` for Task04, and
+    ``workflows/phantom_demo.json`` for phantoms.
+
+    Args:
+        task_dir: an MSD task folder (its preset names the workflow).
+    """
+    preset = preset_for_task(load_task(task_dir))
+    name = "phantom_demo" if preset.name.startswith("Phantom") else preset.name.lower()
+    path = WORKFLOWS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise MedunetError(
+            f"no workflow for task {preset.name} ({path} is missing). Fix: pass --workflow with one of "
+            f"{[p.name for p in list_workflows()]}, or copy the closest one to {path.name} and edit its task keys."
+        )
+    return path
+
+
+def build_overrides(
+    network: str | None = None,
+    fold: int | None = None,
+    data_root: str | Path | None = None,
+    datalist: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    epochs: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config overrides for ``medunet train``'s options (None: keep the workflow's value).
+
+    Args:
+        network: a registry name (``medunet networks``); also resets ``network_def`` to the registry builder.
+        fold: the validation fold.
+        data_root: the MSD task folder.
+        datalist: the k-fold datalist JSON.
+        run_dir: the run folder.
+        epochs: ``max_epochs``.
+        settings: any other top-level keys, e.g. ``{"learning_rate": 3e-4}``.
+    """
+    overrides: dict[str, Any] = {}
+    if network is not None:
+        from medunet.networks import list_networks
+
+        if network not in list_networks():
+            raise MedunetError(f"unknown network {network!r}. Fix: pick one from 'medunet networks'.")
+        overrides.update(network_name=network, network_def=NETWORK_DEF)
+    for key, value in (("fold", fold), ("dataset_dir", data_root), ("datalist", datalist), ("run_dir", run_dir),
+                       ("max_epochs", epochs)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    overrides.update(settings or {})
+    return overrides
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["learning_rate=3e-4", "cache=none"]`` -> ``{"learning_rate": 0.0003, "cache": "none"}`` (JSON values,
+    else strings).
+
+    Args:
+        pairs: ``KEY=VALUE`` strings; VALUE is parsed as JSON when it can be.
+    """
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MedunetError(f"--set {pair!r} is not KEY=VALUE. Fix: e.g. --set learning_rate=3e-4.")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def load_workflow(config_file: str | Path, overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """Read a workflow file and apply overrides of its top-level keys.
+
+    Args:
+        config_file: a ``workflows/*.json`` file (or a run's ``workflow.json``).
+        overrides: ``{key: value}``; keys must exist in the file (a typo fails here, not hours later).
+    """
+    path = Path(config_file)
+    if not path.is_file():
+        raise MedunetError(f"workflow {path} does not exist. Fix: use one of {[str(p) for p in list_workflows()]}.")
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(path))
+    except (json.JSONDecodeError, ValueError) as error:
+        raise MedunetError(f"workflow {path} is not valid JSON/YAML ({error}). Fix: repair the file.") from error
+    unknown = sorted(set(overrides or {}) - set(parser.get()))
+    if unknown:
+        raise MedunetError(
+            f"workflow {path} has no key(s) {unknown}. Fix: use one of its keys: {sorted(parser.get())}."
+        )
+    parser.update(dict(overrides or {}))
+    return parser
+
+
+def run_workflow(
+    config_file: str | Path, overrides: Mapping[str, Any] | None = None, run_id: str = "run"
+) -> list[Any]:
+    """Run a workflow as ``python -m monai.bundle run`` does (``initialize``, ``run``, ``finalize``), after
+    saving the merged config as ``RUN_DIR/workflow.json`` (rank 0) so the run can be repeated with
+    ``python -m monai.bundle run --config_file RUN_DIR/workflow.json``.
+
+    Args:
+        config_file: the workflow file.
+        overrides: top-level keys to override (see :func:`build_overrides`).
+        run_id: the expression list to run.
+
+    Returns:
+        The values of the ``run`` expressions (for a training workflow: the run summary dict).
+    """
+    parser = load_workflow(config_file, overrides)
+    if "run_dir" in parser.get() and int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(parser.get_parsed_content("run_dir"))
+        atomic_write_text(json.dumps(parser.get(), indent=2) + "\n", run_dir / WORKFLOW_COPY)
+    results: list[Any] = []
+    for section in ("initialize", run_id, "finalize"):
+        if section in parser.get():
+            value = parser.get_parsed_content(section)
+            if section == run_id:
+                results = list(value) if isinstance(value, (list, tuple)) else [value]
+    return results

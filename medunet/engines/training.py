@@ -1,0 +1,402 @@
+"""The training builder: MONAI ``SupervisedTrainer`` + ``SupervisedEvaluator`` and handlers, from a workflow config.
+
+:class:`SegmentationTraining` is what ``workflows/*.json`` instantiate (``"training": {"_target_":
+"medunet.engines.SegmentationTraining", ...}``) and what ``"run": ["$@training.run()"]`` runs, so
+``python -m monai.bundle run`` and ``medunet train`` execute the same code. :meth:`SegmentationTraining.build`
+assembles:
+
+- data: ``assert_task_ok`` first (broken data fails now, with the ``medunet check-data`` message), the fold
+  from the k-fold datalist, the preset's transform chains, cached datasets, ``DistributedSampler`` under torchrun;
+- ``SupervisedTrainer`` (AMP on CUDA) with ``ValidationHandler`` -> ``SupervisedEvaluator`` (sliding-window
+  inference, ``MeanDice`` without background and its per-case details for per-label Dice),
+  ``LrScheduleHandler``, ``EarlyStopHandler``, :class:`~medunet.engines.checkpoint.RunRecorder` (atomic best/last
+  models, resume checkpoint, metrics table), an ignite ``ProgressBar``, ``StatsHandler`` and any
+  ``extra_handlers`` (e.g. a tracking handler: anything with ``attach(engine)``);
+- resume: when ``RUN_DIR/checkpoints/checkpoint_last.pt`` exists, MONAI's ``CheckpointLoader`` restores the
+  network, optimizer, scheduler, AMP scaler, early-stop counter and trainer epoch, and training continues with
+  the next epoch. A finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import monai
+import torch
+from ignite.engine import Events
+from ignite.handlers import ProgressBar
+from monai.data import DataLoader, DistributedSampler
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import (
+    CheckpointLoader,
+    EarlyStopHandler,
+    LrScheduleHandler,
+    MeanDice,
+    StatsHandler,
+    ValidationHandler,
+    from_engine,
+    stopping_fn_from_metric,
+)
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.transforms import AsDiscreted, Compose
+from monai.utils import set_determinism
+
+import medunet
+from medunet.data import (
+    TaskPreset,
+    assert_task_ok,
+    build_dataset,
+    load_fold,
+    load_task,
+    preset_for_task,
+    train_transforms,
+    val_transforms,
+)
+from medunet.engines.checkpoint import KEY_METRIC, RESUME_FILE, RunRecorder, atomic_write_text
+from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
+from medunet.errors import MedunetError
+
+CONFIG_FILE = "config.json"
+logger = logging.getLogger("medunet.train")
+
+
+def _first_loss(output: Any) -> float:
+    """The loss of a (decollated) trainer output, for the progress bar."""
+    return float(from_engine(["loss"], first=True)(output))
+
+
+class SegmentationTraining:
+    """Train a segmentation network on one fold of an MSD task, validating with sliding-window inference.
+
+    Args:
+        run_dir: the run folder (layout in :mod:`medunet.engines`); an existing run there is resumed.
+        dataset_dir: the MSD task folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
+        datalist: the k-fold datalist JSON (``medunet make-datalist``).
+        fold: the validation fold.
+        network: the network to train (e.g. ``create_network("lunet_small_8f", ...)``).
+        preset: preprocessing preset; default the task's (``preset_for_task``).
+        network_name: registry name recorded in ``config.json`` (``None`` for a non-registry network).
+        network_args: the keywords the network was built with, recorded in ``config.json``.
+        loss: loss on (logits, label); default ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        optimizer: an optimizer, or a callable ``params -> optimizer`` (a config's ``"_mode_": "callable"``);
+            default AdamW, lr 1e-3.
+        lr_scheduler: a scheduler, or a callable ``optimizer -> scheduler``, stepped once per epoch; None: constant.
+        max_epochs: epochs to train.
+        val_interval: validate every this many epochs.
+        batch_size: images per batch (each gives ``num_samples`` patches).
+        num_samples: random patches per image per iteration.
+        epoch_length: iterations per epoch; default one pass over the training images.
+        patch_size: training patch and sliding-window ROI; default the preset's.
+        cache: ``"memory"``, ``"disk"`` or ``"none"`` (see ``build_dataset``).
+        num_workers: data-loader worker processes.
+        sw_batch_size: windows per forward pass in sliding-window validation.
+        sw_overlap: sliding-window overlap.
+        early_stop_patience: stop after this many validations without improvement; 0 disables.
+        amp: mixed precision (only used on CUDA).
+        device: compute device; default ``cuda:LOCAL_RANK`` when available, else CPU.
+        seed: random seed (each rank adds its rank).
+        resume: continue from ``RUN_DIR/checkpoints/checkpoint_last.pt`` when present.
+        check_data: run ``assert_task_ok`` on the task and datalist before building anything.
+        progress: show progress bars (rank 0).
+        extra_handlers: more handlers attached to the trainer (objects with ``attach(engine)``).
+        extra_val_handlers: more handlers attached to the evaluator.
+
+    Example::
+
+        training = SegmentationTraining("runs/demo", "data/Task90_PhantomCT", "data/Task90_PhantomCT/folds.json", 0,
+                                        create_network("lunet_small_8f", in_channels=1, out_channels=3))
+        summary = training.run()
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        dataset_dir: str | Path,
+        datalist: str | Path,
+        fold: int,
+        network: torch.nn.Module,
+        preset: TaskPreset | None = None,
+        network_name: str | None = None,
+        network_args: dict[str, Any] | None = None,
+        loss: Callable | None = None,
+        optimizer: torch.optim.Optimizer | Callable | None = None,
+        lr_scheduler: Any = None,
+        max_epochs: int = 50,
+        val_interval: int = 1,
+        batch_size: int = 2,
+        num_samples: int = 2,
+        epoch_length: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        cache: str = "memory",
+        num_workers: int = 0,
+        sw_batch_size: int = 4,
+        sw_overlap: float = 0.25,
+        early_stop_patience: int = 0,
+        amp: bool = True,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        resume: bool = True,
+        check_data: bool = True,
+        progress: bool = True,
+        extra_handlers: Sequence[Any] = (),
+        extra_val_handlers: Sequence[Any] = (),
+    ) -> None:
+        if max_epochs < 1 or val_interval < 1:
+            raise MedunetError(f"max_epochs ({max_epochs}) and val_interval ({val_interval}) must be at least 1.")
+        self.run_dir = Path(run_dir)
+        self.dataset_dir = Path(dataset_dir)
+        self.datalist = Path(datalist)
+        self.fold = int(fold)
+        self.network = network
+        self.preset = preset
+        self.network_name = network_name
+        self.network_args = dict(network_args or {})
+        self.loss = loss if loss is not None else DiceCELoss(to_onehot_y=True, softmax=True)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.max_epochs = int(max_epochs)
+        self.val_interval = int(val_interval)
+        self.batch_size = int(batch_size)
+        self.num_samples = int(num_samples)
+        self.epoch_length = epoch_length
+        self.patch_size = tuple(patch_size) if patch_size is not None else None
+        self.cache = cache
+        self.num_workers = int(num_workers)
+        self.sw_batch_size = int(sw_batch_size)
+        self.sw_overlap = float(sw_overlap)
+        self.early_stop_patience = int(early_stop_patience)
+        self.amp = bool(amp)
+        self.device = device
+        self.seed = int(seed)
+        self.resume = bool(resume)
+        self.check_data = bool(check_data)
+        self.progress = bool(progress)
+        self.extra_handlers = list(extra_handlers)
+        self.extra_val_handlers = list(extra_val_handlers)
+        self.trainer: SupervisedTrainer | None = None
+        self.evaluator: SupervisedEvaluator | None = None
+        self.recorder: RunRecorder | None = None
+        self.context: DistContext | None = None
+        self.resumed_from_epoch = 0
+
+    # -- building ---------------------------------------------------------------------------------------
+    def _data(self, preset: TaskPreset, context: DistContext) -> tuple[DataLoader, DataLoader, int, int]:
+        train, val = load_fold(self.datalist, self.fold, self.dataset_dir)
+        if not val:
+            raise MedunetError(f"fold {self.fold} of {self.datalist} has no validation cases. Fix: pick another fold.")
+        train_ds = build_dataset(train, train_transforms(preset, num_samples=self.num_samples), cache=self.cache,
+                                 cache_dir=self.run_dir / "cache" / "train")
+        val_ds = build_dataset(val, val_transforms(preset), cache=self.cache, cache_dir=self.run_dir / "cache" / "val")
+        train_sampler = DistributedSampler(train_ds, shuffle=True) if context.is_distributed else None
+        val_sampler = DistributedSampler(val_ds, shuffle=False, even_divisible=False) if context.is_distributed else None
+        train_loader = DataLoader(train_ds, batch_size=self.batch_size, shuffle=train_sampler is None,
+                                  sampler=train_sampler, num_workers=self.num_workers, drop_last=False)
+        val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=self.num_workers)
+        return train_loader, val_loader, len(train), len(val)
+
+    def build(self) -> SegmentationTraining:
+        """Check the data and assemble the engines and handlers (called by :meth:`run` if not done)."""
+        context = self.context = init_distributed(self.device)
+        set_determinism(seed=self.seed + context.rank)
+        show = self.progress and context.is_main
+        if self.check_data:
+            assert_task_ok(self.dataset_dir, self.datalist, progress=show)
+        preset = self.preset or preset_for_task(load_task(self.dataset_dir))
+        if self.patch_size is not None:
+            preset = replace(preset, patch_size=self.patch_size)
+        self.preset = preset
+        train_loader, val_loader, num_train, num_val = self._data(preset, context)
+
+        network = self.network.to(context.device)
+        model = wrap_ddp(network, context)
+        optimizer = self.optimizer
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(model.parameters())
+        scheduler = self.lr_scheduler
+        if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
+            scheduler = scheduler(optimizer)
+        self.optimizer, self.lr_scheduler = optimizer, scheduler
+        amp = self.amp and context.device.type == "cuda"
+        labels = {value: name for value, name in preset.labels.items() if value != 0}
+        out_channels = preset.out_channels
+
+        evaluator = SupervisedEvaluator(
+            device=context.device,
+            val_data_loader=val_loader,
+            network=network,  # the unwrapped module: validation needs no gradient sync between ranks
+            inferer=SlidingWindowInferer(roi_size=preset.patch_size, sw_batch_size=self.sw_batch_size,
+                                         overlap=self.sw_overlap, mode="gaussian"),
+            postprocessing=Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=out_channels),
+                                    AsDiscreted(keys="label", to_onehot=out_channels)]),
+            key_val_metric={KEY_METRIC: MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]),
+                                                 save_details=True)},
+            amp=amp,
+        )
+        trainer = SupervisedTrainer(
+            device=context.device,
+            max_epochs=self.max_epochs,
+            train_data_loader=train_loader,
+            network=model,
+            optimizer=optimizer,
+            loss_function=self.loss,
+            inferer=SimpleInferer(),
+            amp=amp,
+            epoch_length=self.epoch_length,
+        )
+        resume_objects: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
+        if scheduler is not None:
+            resume_objects["lr_scheduler"] = scheduler
+        if amp and getattr(trainer, "scaler_", None) is not None:
+            resume_objects["scaler"] = trainer.scaler_
+        # Order matters: validate, then step the scheduler, then record (the record holds both).
+        ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True).attach(trainer)
+        if scheduler is not None:
+            LrScheduleHandler(scheduler, print_lr=False, epoch_level=True).attach(trainer)
+        if self.early_stop_patience > 0:
+            early_stop = EarlyStopHandler(patience=self.early_stop_patience,
+                                          score_function=stopping_fn_from_metric(KEY_METRIC), trainer=trainer)
+            early_stop.attach(evaluator)
+            resume_objects["early_stop"] = early_stop._handler
+        recorder = RunRecorder(self.run_dir, network, resume_objects, labels, write=context.is_main)
+        recorder.attach(trainer, evaluator)
+        if show:
+            ProgressBar(desc=f"train fold {self.fold}", persist=False).attach(trainer, output_transform=_first_loss)
+            ProgressBar(desc="validate", persist=False).attach(evaluator)
+        if context.is_main:
+            StatsHandler(name="medunet.validate", iteration_log=False, output_transform=lambda x: None).attach(evaluator)
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        for handler in self.extra_handlers:
+            handler.attach(trainer)
+        for handler in self.extra_val_handlers:
+            handler.attach(evaluator)
+
+        resume_file = self.run_dir / RESUME_FILE
+        if self.resume and resume_file.is_file():
+            self._check_same_run()
+            CheckpointLoader(load_path=str(resume_file), load_dict=resume_objects, map_location=context.device).attach(trainer)
+            state = torch.load(resume_file, map_location="cpu", weights_only=True)
+            self.resumed_from_epoch = int(state["trainer"]["epoch"])
+            recorder.load_state_dict(state["run_state"])
+        self.trainer, self.evaluator, self.recorder = trainer, evaluator, recorder
+        if context.is_main:
+            self._write_config(network, num_train, num_val)
+        return self
+
+    # -- records ----------------------------------------------------------------------------------------
+    def _check_same_run(self) -> None:
+        """Refuse to resume a run of another network or fold (its weights would not fit or would mislead)."""
+        config_file = self.run_dir / CONFIG_FILE
+        if not config_file.is_file():
+            return
+        previous = json.loads(config_file.read_text())
+        now = {"network": self.network_name, "fold": self.fold}
+        before = {"network": previous.get("network", {}).get("name"), "fold": previous.get("fold")}
+        if now != before:
+            raise MedunetError(
+                f"{self.run_dir} holds a run of {before}, not {now}; resuming it would mix the two. "
+                "Fix: pass a new --run-dir, or delete that folder to start over."
+            )
+
+    def _write_config(self, network: torch.nn.Module, num_train: int, num_val: int) -> None:
+        """``RUN_DIR/config.json``: the resolved settings of this run, read by tracking and bundle export."""
+        preset = self.preset
+        scheduler = self.lr_scheduler
+        config = {
+            "task": preset.name,
+            "dataset_dir": str(self.dataset_dir.resolve()),
+            "datalist": str(self.datalist.resolve()),
+            "fold": self.fold,
+            "num_train_cases": num_train,
+            "num_val_cases": num_val,
+            "labels": {str(value): name for value, name in preset.labels.items()},
+            "network": {
+                "name": self.network_name,
+                "class": f"{type(network).__module__}.{type(network).__qualname__}",
+                "args": self.network_args,
+                "parameters": sum(p.numel() for p in network.parameters()),
+            },
+            "preset": {"modality": preset.modality, "in_channels": preset.in_channels,
+                       "target_spacing": preset.target_spacing, "patch_size": list(preset.patch_size),
+                       "ct_window": preset.ct_window},
+            "loss": repr(self.loss),
+            "optimizer": {"class": type(self.optimizer).__name__,
+                          "defaults": {k: v for k, v in self.optimizer.defaults.items()
+                                       if isinstance(v, (int, float, str, bool, type(None), tuple))}},
+            "lr_scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "max_epochs": self.max_epochs,
+            "val_interval": self.val_interval,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "epoch_length": self.epoch_length,
+            "sliding_window": {"roi_size": list(preset.patch_size), "sw_batch_size": self.sw_batch_size,
+                               "overlap": self.sw_overlap, "mode": "gaussian"},
+            "early_stop_patience": self.early_stop_patience,
+            "amp": self.amp and self.context.device.type == "cuda",
+            "seed": self.seed,
+            "world_size": self.context.world_size,
+            "device": str(self.context.device),
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "command": sys.argv,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"medunet": medunet.__version__, "monai": monai.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        }
+        atomic_write_text(json.dumps(config, indent=2, default=str) + "\n", self.run_dir / CONFIG_FILE)
+
+    def _log_epoch(self, engine: Any) -> None:
+        row = self.recorder.history[-1] if self.recorder and self.recorder.history else {}
+        parts = [f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+                 for key, value in row.items() if key != "epoch" and value is not None]
+        message = f"epoch {engine.state.epoch}/{engine.state.max_epochs}: " + " ".join(parts)
+        (print if not self.progress else _tqdm_write)(message)
+
+    # -- running ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Build if needed, train (or resume) to ``max_epochs`` or early stop, and return the run summary.
+
+        Returns:
+            ``{"run_dir", "best_metric", "best_epoch", "epochs", "finished", "stop_reason", "seconds",
+            "resumed_from_epoch", "last": <last history row>}``.
+        """
+        if self.trainer is None:
+            self.build()
+        recorder, context = self.recorder, self.context
+        start = time.perf_counter()
+        if recorder.finished:
+            if context.is_main:
+                print(f"{self.run_dir}: already finished ({recorder.stop_reason}); nothing to train. "
+                      "Pass a new --run-dir to train again.")
+        else:
+            if self.resumed_from_epoch and context.is_main:
+                print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
+            self.trainer.run()
+        barrier(context)
+        return {
+            "run_dir": str(self.run_dir),
+            "best_metric": recorder.best_metric if recorder.best_epoch else None,
+            "best_epoch": recorder.best_epoch or None,
+            "epochs": len(recorder.history),
+            "finished": recorder.finished,
+            "stop_reason": recorder.stop_reason,
+            "seconds": round(time.perf_counter() - start, 1),
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "last": recorder.history[-1] if recorder.history else {},
+        }
+
+
+def _tqdm_write(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
