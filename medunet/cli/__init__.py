@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "medunet.cli.evaluate_cmd",
     "medunet.cli.tracking_cmd",
     "medunet.cli.bundle_cmd",
+    "medunet.cli.workflow_cmd",
 )
 
 
