@@ -25,6 +25,8 @@ from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.networks import create_network
 
+pytestmark = pytest.mark.slow  # a short real training run and monai.bundle subprocesses
+
 NETWORK = "lunet_small_2f"
 
 

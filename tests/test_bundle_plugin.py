@@ -22,6 +22,8 @@ import torch
 from medunet.data import make_phantom_task
 from medunet.networks import LUNet, create_network
 
+pytestmark = pytest.mark.slow  # real monai.bundle subprocesses and a short training run
+
 BUNDLE = Path(__file__).parent / "bundles" / "phantom_seg"
 NETWORK = {"_target_": "medunet.networks.create_network", "name": "lunet_small_2f",
            "spatial_dims": 3, "in_channels": 1, "out_channels": 3}
