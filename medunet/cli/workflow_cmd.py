@@ -50,7 +50,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = build_overrides(network=args.network, fold=args.fold, data_root=args.data_root or args.task_dir,
                                 datalist=args.datalist, run_dir=args.run_dir, epochs=args.epochs,
                                 settings=parse_settings(args.set))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("medunet").setLevel(logging.INFO)  # epoch metrics; ignite's per-epoch chatter stays off
     results = run_workflow(workflow, overrides)
     summary = next((r for r in results if isinstance(r, dict) and "run_dir" in r), None)
     if summary is not None and _is_main():
@@ -100,7 +101,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="phantom task -> brief training -> inference -> evaluation report, in a few minutes on a CPU",
-        description="Generate a synthetic CT task, train on fold 0, predict the held-out cases in their original "
+        description="Generate a synthetic MRI task (organ + lesion), train on fold 0, predict the held-out cases in their original "
         "space, evaluate them and write the HTML/PDF report.",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")

@@ -88,6 +88,18 @@ def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu
     return dict(checkpoint)
 
 
+def checkpoint_epoch(checkpoint: Mapping[str, Any]) -> int:
+    """The completed epochs recorded in a resume checkpoint (ignite stores the iteration and epoch length).
+
+    Args:
+        checkpoint: a loaded ``checkpoint_last.pt``.
+    """
+    trainer = checkpoint["trainer"]
+    if "epoch" in trainer:
+        return int(trainer["epoch"])
+    return int(trainer["iteration"]) // int(trainer["epoch_length"])
+
+
 def _finite(value: Any) -> Any:
     """Plain float for tensors/numbers; NaN becomes None so JSON and CSV stay valid."""
     if isinstance(value, torch.Tensor):

@@ -162,7 +162,24 @@ def run_workflow(
     results: list[Any] = []
     for section in ("initialize", run_id, "finalize"):
         if section in parser.get():
-            value = parser.get_parsed_content(section)
+            try:
+                value = parser.get_parsed_content(section)
+            except RuntimeError as error:
+                user_error = _user_error_inside(error)
+                if user_error is None:
+                    raise
+                raise user_error from None
             if section == run_id:
                 results = list(value) if isinstance(value, (list, tuple)) else [value]
     return results
+
+
+def _user_error_inside(error: BaseException) -> MedunetError | None:
+    """The ``MedunetError`` that MONAI's config evaluation wrapped in ``RuntimeError("Failed to evaluate ...")``,
+    so the user sees the data/config message rather than a traceback."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MedunetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

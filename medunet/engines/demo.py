@@ -1,4 +1,4 @@
-"""``medunet demo``: phantom task -> brief training -> inference on held-out cases -> evaluation and report."""
+"""``medunet demo``: synthetic MRI phantom task -> brief training -> inference on held-out cases -> evaluation and report."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ PHANTOM_DATALIST = "folds.json"
 
 
 def prepare_phantom(
-    task_dir: str | Path, num_cases: int = 10, kind: str = "ct", size: tuple[int, int, int] = (48, 48, 32), seed: int = 0
+    task_dir: str | Path, num_cases: int = 10, kind: str = "mri", size: tuple[int, int, int] = (48, 48, 32), seed: int = 0
 ) -> Path:
     """Write a phantom task and its 5-fold datalist ``TASK_DIR/folds.json`` unless they exist; return the datalist.
 
     Args:
-        task_dir: the task folder to create (e.g. ``runs/demo/Task90_PhantomCT``).
+        task_dir: the task folder to create (e.g. ``runs/demo/Task91_PhantomMRI``).
         num_cases: labelled cases (5 folds: with 10 cases, 8 train and 2 validate).
         kind: ``"ct"`` or ``"mri"``.
         size: voxels per axis.
@@ -45,23 +45,25 @@ def run_demo(
     network: str | None = None,
     epochs: int | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Phantom -> train (``workflows/phantom_demo.json``) -> predict the held-out fold -> evaluate and report.
 
     Args:
-        out_dir: everything goes here: ``Task90_PhantomCT/`` (the data) and ``run/`` (the run folder).
+        out_dir: everything goes here: ``Task91_PhantomMRI/`` (the data) and ``run/`` (the run folder).
         network: a registry name; default the workflow's.
         epochs: training epochs; default the workflow's.
         progress: show progress bars.
+        settings: other workflow keys to override (e.g. ``epoch_length=2`` for a smoke test).
 
     Returns:
         ``{"training": <run summary>, "predictions": [...], "dice": {label name: mean Dice}, "report": path, ...}``.
     """
     out_dir = Path(out_dir)
-    task_dir, run_dir = out_dir / "Task90_PhantomCT", out_dir / "run"
+    task_dir, run_dir = out_dir / "Task91_PhantomMRI", out_dir / "run"
     start = time.perf_counter()
     overrides = build_overrides(network=network, data_root=task_dir, run_dir=run_dir, epochs=epochs,
-                                settings={} if progress else {"progress": False})
+                                settings={"progress": progress, **settings})
     results = run_workflow(WORKFLOWS_DIR / "phantom_demo.json", overrides)
     training = next(r for r in results if isinstance(r, dict) and "run_dir" in r)
 
@@ -75,7 +77,7 @@ def run_demo(
         "parameters": config["network"]["parameters"],
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": file_sha256(checkpoint),
-        "data": f"{task_dir} (synthetic CT phantom)",
+        "data": f"{task_dir} (synthetic MRI phantom)",
         "fold": f"{config['fold']} (held out from training)",
         "inferer": "SlidingWindowInferer, Gaussian, overlap 0.5",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -83,7 +85,7 @@ def run_demo(
     evaluation = evaluate_folders(pred_dir, task_dir / "labelsTr", run_dir / "evaluation",
                                   dataset_json=task_dir / "dataset.json", provenance=provenance,
                                   images_dir=task_dir / "imagesTr", skip_missing=True, workers=0,
-                                  progress=progress, title="medunet demo: phantom CT")
+                                  progress=progress, title="medunet demo: phantom MRI")
     dice = {name: evaluation.mean("dice", label=value) for value, name in evaluation.labels.items() if value != 0}
     summary = {
         "training": training,

@@ -62,7 +62,13 @@ from medunet.data import (
     train_transforms,
     val_transforms,
 )
-from medunet.engines.checkpoint import KEY_METRIC, RESUME_FILE, RunRecorder, atomic_write_text
+from medunet.engines.checkpoint import (
+    KEY_METRIC,
+    RESUME_FILE,
+    RunRecorder,
+    atomic_write_text,
+    checkpoint_epoch,
+)
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.errors import MedunetError
 
@@ -198,7 +204,10 @@ class SegmentationTraining:
                                  cache_dir=self.run_dir / "cache" / "train")
         val_ds = build_dataset(val, val_transforms(preset), cache=self.cache, cache_dir=self.run_dir / "cache" / "val")
         train_sampler = DistributedSampler(train_ds, shuffle=True) if context.is_distributed else None
-        val_sampler = DistributedSampler(val_ds, shuffle=False, even_divisible=False) if context.is_distributed else None
+        val_sampler = None
+        if context.is_distributed:
+            # Uneven shards keep each case once; fewer cases than ranks must repeat some to give every rank one.
+            val_sampler = DistributedSampler(val_ds, shuffle=False, even_divisible=len(val) < context.world_size)
         train_loader = DataLoader(train_ds, batch_size=self.batch_size, shuffle=train_sampler is None,
                                   sampler=train_sampler, num_workers=self.num_workers, drop_last=False)
         val_loader = DataLoader(val_ds, batch_size=1, sampler=val_sampler, num_workers=self.num_workers)
@@ -261,7 +270,10 @@ class SegmentationTraining:
         if amp and getattr(trainer, "scaler_", None) is not None:
             resume_objects["scaler"] = trainer.scaler_
         # Order matters: validate, then step the scheduler, then record (the record holds both).
-        ValidationHandler(validator=evaluator, interval=self.val_interval, epoch_level=True).attach(trainer)
+        # Every val_interval epochs and always after the last one, so every run ends with a validated model.
+        validate_now = lambda engine, epoch: epoch % self.val_interval == 0 or epoch == engine.state.max_epochs  # noqa: E731
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=validate_now),
+                                  ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
         if scheduler is not None:
             LrScheduleHandler(scheduler, print_lr=False, epoch_level=True).attach(trainer)
         if self.early_stop_patience > 0:
@@ -287,7 +299,7 @@ class SegmentationTraining:
             self._check_same_run()
             CheckpointLoader(load_path=str(resume_file), load_dict=resume_objects, map_location=context.device).attach(trainer)
             state = torch.load(resume_file, map_location="cpu", weights_only=True)
-            self.resumed_from_epoch = int(state["trainer"]["epoch"])
+            self.resumed_from_epoch = checkpoint_epoch(state)
             recorder.load_state_dict(state["run_state"])
         self.trainer, self.evaluator, self.recorder = trainer, evaluator, recorder
         if context.is_main:

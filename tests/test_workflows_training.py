@@ -1,0 +1,194 @@
+"""Training workflows on a tiny phantom: bundle-layout checkpoints, resume after SIGKILL, torchrun on gloo,
+refusing broken data, and ``python -m monai.bundle run`` on the demo config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
+
+from medunet.cli import main
+from medunet.engines import run_workflow
+from medunet.engines.checkpoint import checkpoint_epoch
+from medunet.engines.demo import prepare_phantom
+from medunet.networks import create_network
+from medunet.paths import REPO_ROOT
+
+DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+NETWORK = "lunet_small_4f"
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five 24x24x20 MRI phantoms (one validation case in fold 0) and their datalist."""
+    task_dir = tmp_path_factory.mktemp("phantom") / "Task90_PhantomMRI"
+    prepare_phantom(task_dir, num_cases=5, kind="mri", size=(24, 24, 20))
+    return task_dir
+
+
+def tiny_settings(task_dir: Path, run_dir: Path, epochs: int = 2, epoch_length: int = 2) -> dict:
+    return {
+        "dataset_dir": str(task_dir),
+        "run_dir": str(run_dir),
+        "network_name": NETWORK,
+        "patch_size": [16, 16, 16],
+        "max_epochs": epochs,
+        "epoch_length": epoch_length,
+        "val_interval": 1,
+        "batch_size": 1,
+        "num_samples": 2,
+        "sw_batch_size": 2,
+        "progress": False,
+    }
+
+
+def cli_args(settings: dict) -> list[str]:
+    """The same settings as ``medunet train`` options."""
+    args = ["train", "--workflow", str(DEMO_WORKFLOW), "--network", settings["network_name"],
+            "--data-root", settings["dataset_dir"], "--run-dir", settings["run_dir"],
+            "--epochs", str(settings["max_epochs"])]
+    for key in ("patch_size", "epoch_length", "val_interval", "batch_size", "num_samples", "sw_batch_size", "progress"):
+        args += ["--set", f"{key}={json.dumps(settings[key])}"]
+    return args
+
+
+def tiny_network() -> torch.nn.Module:
+    return create_network(NETWORK, spatial_dims=3, in_channels=1, out_channels=3)
+
+
+def test_training_writes_bundle_layout_checkpoints_metrics_and_config(tiny_task: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (summary,) = run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir))
+    assert summary["finished"] and summary["epochs"] == 2
+
+    for name in ("model.pt", "model_last.pt"):
+        checkpoint = torch.load(run_dir / "models" / name, weights_only=True)
+        assert list(checkpoint) == ["model"]  # the MONAI bundle layout
+        tiny_network().load_state_dict(checkpoint["model"])  # strict: every key matches
+    # MONAI's own loader reads it the way bundles do.
+    network = tiny_network()
+    CheckpointLoader(str(run_dir / "models" / "model.pt"), {"model": network}).attach(engine := Engine(lambda e, b: None))
+    engine.run([0], max_epochs=1)
+
+    resume = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "run_state"} <= set(resume)
+    assert checkpoint_epoch(resume) == 2 and resume["run_state"]["finished"]
+
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["epoch", "train_loss", "learning_rate", "val_mean_dice"]
+    assert {"val_dice_organ", "val_dice_lesion"} <= set(rows[0].split(",")) and len(rows) == 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2] and metrics["best_epoch"] in (1, 2)
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["network"]["name"] == NETWORK and config["network"]["args"]["out_channels"] == 3
+    assert config["fold"] == 0 and Path(config["dataset_dir"]) == tiny_task.resolve()
+    assert config["preset"]["patch_size"] == [16, 16, 16]
+    workflow = json.loads((run_dir / "workflow.json").read_text())
+    assert workflow["network_name"] == NETWORK and workflow["max_epochs"] == 2
+
+    # Rerunning a finished run trains nothing and rewrites nothing.
+    before = (run_dir / "metrics.csv").read_text()
+    (again,) = run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir))
+    assert again["finished"] and again["resumed_from_epoch"] == 2
+    assert (run_dir / "metrics.csv").read_text() == before
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings = tiny_settings(tiny_task, run_dir, epochs=3, epoch_length=8)
+    command = [sys.executable, "-m", "medunet", *cli_args(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics_file = run_dir / "metrics.json"
+    deadline = time.time() + 180
+    while not metrics_file.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, f"training ended before the first checkpoint: {process.stderr.read().decode()}"
+    first_epoch_seconds = json.loads(metrics_file.read_text())["epochs"][0]["epoch_seconds"]
+    time.sleep(max(0.3 * first_epoch_seconds, 0.5))  # well inside epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+
+    # Everything written before the kill is complete and loads.
+    killed_at = checkpoint_epoch(torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True))
+    assert 1 <= killed_at < 3
+    tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
+    tiny_network().load_state_dict(torch.load(run_dir / "models" / "model_last.pt", weights_only=True)["model"])
+    assert len(json.loads(metrics_file.read_text())["epochs"]) == killed_at
+
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming {run_dir} after epoch {killed_at}/3" in rerun.stdout
+    metrics = json.loads(metrics_file.read_text())
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3] and metrics["finished"]
+    resume = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint_epoch(resume) == 3
+    assert json.loads((run_dir / "config.json").read_text())["resumed_from_epoch"] == killed_at
+    tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
+
+
+def test_torchrun_two_cpu_processes_on_gloo_give_a_loadable_checkpoint(tiny_task: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    settings = tiny_settings(tiny_task, run_dir, epochs=1, epoch_length=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "medunet", *cli_args(settings)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["device"] == "cpu"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["epochs"][0]["val_mean_dice"] is not None
+
+
+def test_training_refuses_broken_data_with_the_check_data_message(tiny_task: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    broken = tmp_path / "Task90_PhantomMRI"
+    shutil.copytree(tiny_task, broken)
+    label = broken / "labelsTr" / "phantom_002.nii.gz"
+    label.write_bytes(label.read_bytes()[:200])  # truncated gzip
+    (broken / "imagesTr" / "phantom_003.nii.gz").unlink()
+    run_dir = tmp_path / "run"
+    code = main(cli_args(tiny_settings(broken, run_dir)))
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "problem(s)" in error and "phantom_002" in error and "phantom_003" in error and "Fix:" in error
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_unknown_workflow_key_and_network_fail_before_training(tiny_task: Path, tmp_path: Path, capsys) -> None:
+    args = cli_args(tiny_settings(tiny_task, tmp_path / "run"))
+    assert main(args + ["--set", "learning_rat=0.1"]) == 2
+    assert "no key(s) ['learning_rat']" in capsys.readouterr().err
+    args[args.index("--network") + 1] = "lunet_tiny_999f"
+    assert main(args) == 2
+    assert "unknown network 'lunet_tiny_999f'" in capsys.readouterr().err
+
+
+def test_monai_bundle_run_trains_the_demo_config(tmp_path: Path) -> None:
+    """The workflow file is a MONAI bundle config: ``monai.bundle run`` generates the phantom and trains."""
+    task_dir, run_dir = tmp_path / "Task91_PhantomMRI", tmp_path / "run"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(DEMO_WORKFLOW),
+               "--dataset_dir", str(task_dir), "--run_dir", str(run_dir), "--network_name", NETWORK,
+               "--max_epochs", "1", "--epoch_length", "2", "--phantom_cases", "5", "--patch_size", "[16,16,16]",
+               "--progress", "False"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (task_dir / "dataset.json").is_file() and (task_dir / "folds.json").is_file()
+    checkpoint = torch.load(run_dir / "models" / "model.pt", weights_only=True)
+    tiny_network().load_state_dict(checkpoint["model"])
+    assert json.loads((run_dir / "metrics.json").read_text())["finished"]
