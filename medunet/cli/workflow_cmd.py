@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from medunet.errors import MedunetError
+from medunet.tracking import add_tracking_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any top-level workflow key, VALUE as JSON; repeatable "
                         "(e.g. --set learning_rate=3e-4 --set epoch_length=50 --set cache='\"disk\"')")
+    add_tracking_arguments(parser)
     parser.set_defaults(func=_train)
 
 
@@ -49,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
     workflow = args.workflow or workflow_for_task(args.task_dir)
     overrides = build_overrides(network=args.network, fold=args.fold, data_root=args.data_root or args.task_dir,
                                 datalist=args.datalist, run_dir=args.run_dir, epochs=args.epochs,
-                                settings=parse_settings(args.set))
+                                settings={**tracking_settings(args), **parse_settings(args.set)})
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("medunet").setLevel(logging.INFO)  # epoch metrics; ignite's per-epoch chatter stays off
     results = run_workflow(workflow, overrides)
@@ -83,14 +85,25 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
                         help="stitch the sliding-window output on the CPU, for volumes that do not fit on the GPU")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    add_tracking_arguments(parser)
     parser.set_defaults(func=_infer)
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from medunet.engines.inference import predict_run
+    import time
 
-    written = predict_run(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device,
-                          stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    from medunet.engines.inference import predict_run
+    from medunet.tracking import tracker_from_args
+
+    settings = {"run_dir": str(args.run_dir), "inputs": [str(p) for p in args.input], "checkpoint": args.checkpoint,
+                "device": args.device, "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap,
+                "sw_batch_size": args.sw_batch_size}
+    with tracker_from_args(args, args.output or args.run_dir / "predictions", tags={"kind": "infer"}) as tracker:
+        tracker.log_params({"infer": settings})
+        start = time.perf_counter()
+        written = predict_run(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device,
+                              stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+        tracker.log_metrics({"infer_cases": len(written), "infer_seconds": time.perf_counter() - start})
     out = written[0].parent if written else args.output
     print(f"wrote {len(written)} prediction(s) to {out}")
     return 0
@@ -107,11 +120,22 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--network", help="network name from 'medunet networks' (default: the demo workflow's)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the demo workflow's)")
+    add_tracking_arguments(parser)
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from medunet.engines.demo import run_demo
 
-    run_demo(args.out, network=args.network, epochs=args.epochs)
+    run_demo(args.out, network=args.network, epochs=args.epochs, **tracking_settings(args))
     return 0
+
+
+def tracking_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Workflow keys for the ``--tracking-uri/--experiment/--no-tracking`` options (None: the workflow's)."""
+    settings: dict[str, object] = {"experiment": args.experiment}
+    if args.tracking_uri:
+        settings["tracking_uri"] = args.tracking_uri
+    if args.no_tracking:
+        settings["tracking"] = False
+    return settings

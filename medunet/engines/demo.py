@@ -15,6 +15,7 @@ from medunet.engines.config import WORKFLOWS_DIR, build_overrides, run_workflow
 from medunet.engines.inference import PREDICTIONS_DIR, predict_run
 from medunet.evaluation import evaluate_folders
 from medunet.evaluation.provenance import file_sha256
+from medunet.tracking import Tracker
 
 PHANTOM_DATALIST = "folds.json"
 
@@ -86,6 +87,10 @@ def run_demo(
                                   dataset_json=task_dir / "dataset.json", provenance=provenance,
                                   images_dir=task_dir / "imagesTr", skip_missing=True, workers=0,
                                   progress=progress, title="medunet demo: phantom MRI")
+    with Tracker(settings.get("tracking_uri"), settings.get("experiment", "medunet"), run_name="demo-evaluation",
+                 run_dir=run_dir / "evaluation", enabled=settings.get("tracking", True), tags={"kind": "evaluate"}) as tracker:
+        tracker.log_params({"network": {"name": config["network"]["name"]}, "fold": config["fold"], "data": str(task_dir)})
+        tracker.log_evaluation(evaluation)
     dice = {name: evaluation.mean("dice", label=value) for value, name in evaluation.labels.items() if value != 0}
     summary = {
         "training": training,

@@ -64,6 +64,8 @@ from medunet.data import (
 )
 from medunet.engines.checkpoint import (
     KEY_METRIC,
+    METRICS_CSV,
+    MODEL_FILE,
     RESUME_FILE,
     RunRecorder,
     atomic_write_text,
@@ -156,6 +158,10 @@ class SegmentationTraining:
         progress: bool = True,
         extra_handlers: Sequence[Any] = (),
         extra_val_handlers: Sequence[Any] = (),
+        tracking: bool = True,
+        tracking_uri: str | None = None,
+        experiment: str = "medunet",
+        profile_memory: bool = True,
     ) -> None:
         if max_epochs < 1 or val_interval < 1:
             raise MedunetError(f"max_epochs ({max_epochs}) and val_interval ({val_interval}) must be at least 1.")
@@ -189,6 +195,10 @@ class SegmentationTraining:
         self.progress = bool(progress)
         self.extra_handlers = list(extra_handlers)
         self.extra_val_handlers = list(extra_val_handlers)
+        self.tracking = bool(tracking)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.profile_memory = bool(profile_memory)
         self.trainer: SupervisedTrainer | None = None
         self.evaluator: SupervisedEvaluator | None = None
         self.recorder: RunRecorder | None = None
@@ -393,7 +403,10 @@ class SegmentationTraining:
         else:
             if self.resumed_from_epoch and context.is_main:
                 print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
-            self.trainer.run()
+            if self.tracking and context.is_main:
+                self._run_tracked()
+            else:
+                self.trainer.run()
         barrier(context)
         return {
             "run_dir": str(self.run_dir),
@@ -406,6 +419,38 @@ class SegmentationTraining:
             "resumed_from_epoch": self.resumed_from_epoch,
             "last": recorder.history[-1] if recorder.history else {},
         }
+
+
+    def _run_tracked(self) -> None:
+        """Train inside an MLflow run: config, per-epoch losses/Dice/learning rate, the profiler's model
+        facts at the training patch, the best checkpoint and the metrics table."""
+        from medunet.profiling import profile
+        from medunet.tracking import MLflowTrackingHandler, Tracker
+
+        labels = [name for value, name in sorted(self.preset.labels.items()) if value != 0]
+        with Tracker(self.tracking_uri, self.experiment, run_name=self.run_dir.name, run_dir=self.run_dir,
+                     tags={"kind": "train"}, device=str(self.context.device)) as tracker:
+            tracker.log_config(self.run_dir / CONFIG_FILE)
+            MLflowTrackingHandler(tracker, label_names=labels).attach(self.trainer, self.evaluator)
+
+            def log_per_label(engine: Any) -> None:  # the recorder holds Dice per label from MeanDice's details
+                row = self.recorder.history[-1] if self.recorder.history else {}
+                tracker.log_metrics({k: v for k, v in row.items() if k.startswith("val_dice_") or k == "epoch_seconds"},
+                                    step=engine.state.epoch)
+
+            self.trainer.add_event_handler(Events.EPOCH_COMPLETED, log_per_label)
+            self.trainer.run()
+            # At the training batch: the training-step figures are then those of this run.
+            shape = (self.batch_size * self.num_samples, self.preset.in_channels, *self.preset.patch_size)
+            try:
+                tracker.log_profile(profile(self.network, shape, device=str(self.context.device), train=True,
+                                            memory=self.profile_memory, repeats=1, name=self.network_name))
+            except (RuntimeError, ValueError) as error:  # tracking must never fail a finished training
+                logger.warning("could not profile %s at %s for MLflow: %s", self.network_name, shape, error)
+            for path, folder in ((self.run_dir / MODEL_FILE, "models"), (self.run_dir / METRICS_CSV, None)):
+                if path.is_file():
+                    tracker.log_artifact(path, folder)
+            print(tracker.describe())
 
 
 def _tqdm_write(message: str) -> None:
