@@ -69,6 +69,14 @@ def test_skip_missing_leaves_the_case_out(folders, tmp_path):
     assert result.aggregates["foreground"]["dice"]["n_failures"] == 0
 
 
+def test_cases_restricts_the_evaluation_to_a_fold(folders, tmp_path):
+    pred_dir, ref_dir = folders
+    result = evaluate_folders(pred_dir, ref_dir, tmp_path / "out", report=False, workers=1, progress=False,
+                              cases=["case_b", "case_x"])
+    assert {row["case"] for row in result.rows} == {"case_b"}
+    assert result.problems == ["case without reference: case_x"]  # case_c is not in the fold: not missing
+
+
 def test_strict_mode_names_every_problem_case(folders, tmp_path):
     pred_dir, ref_dir = folders
     with pytest.raises(MedunetError, match="case_c") as error:

@@ -14,6 +14,7 @@ from medunet.engines.checkpoint import MODEL_FILE
 from medunet.engines.config import WORKFLOWS_DIR, build_overrides, run_workflow
 from medunet.engines.inference import PREDICTIONS_DIR, predict_run
 from medunet.evaluation import evaluate_folders
+from medunet.evaluation.cases import case_name
 from medunet.evaluation.provenance import file_sha256
 from medunet.tracking import Tracker
 
@@ -85,7 +86,8 @@ def run_demo(
     }
     evaluation = evaluate_folders(pred_dir, task_dir / "labelsTr", run_dir / "evaluation",
                                   dataset_json=task_dir / "dataset.json", provenance=provenance,
-                                  images_dir=task_dir / "imagesTr", skip_missing=True, workers=0,
+                                  images_dir=task_dir / "imagesTr", workers=0,
+                                  cases=[case_name(Path(item["label"])) for item in held_out],
                                   progress=progress, title="medunet demo: phantom MRI")
     with Tracker(settings.get("tracking_uri"), settings.get("experiment", "medunet"), run_name="demo-evaluation",
                  run_dir=run_dir / "evaluation", enabled=settings.get("tracking", True), tags={"kind": "evaluate"}) as tracker:

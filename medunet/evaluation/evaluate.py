@@ -22,7 +22,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,7 @@ def evaluate_folders(
     strict: bool = False,
     progress: bool = True,
     title: str | None = None,
+    cases: Collection[str] | None = None,
 ) -> EvaluationResult:
     """Evaluate every reference in ``ref_dir`` against its prediction in ``pred_dir`` and write the outputs.
 
@@ -119,6 +120,8 @@ def evaluate_folders(
         strict: raise :class:`MedunetError` on any missing, extra or mismatched prediction.
         progress: show a progress bar.
         title: report title.
+        cases: evaluate only these case names (e.g. one fold's validation cases); the other references
+            are left out, not reported as missing predictions.
 
     Example:
         >>> result = evaluate_folders("preds", "Task04_Hippocampus/labelsTr", "eval")  # doctest: +SKIP
@@ -128,7 +131,15 @@ def evaluate_folders(
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     out_dir = Path(out_dir) if out_dir is not None else pred_dir / "evaluation"
     pairs, extra = case_io.match_cases(pred_dir, ref_dir)
-    problems = [f"prediction without reference (ignored): {name}" for name in extra]
+    problems = []
+    if cases is not None:
+        wanted = set(cases)
+        problems += [f"case without reference: {name}" for name in sorted(wanted - {p.name for p in pairs})]
+        pairs = [pair for pair in pairs if pair.name in wanted]
+        extra = [name for name in extra if name in wanted]
+        if not pairs:
+            raise MedunetError(f"none of the {len(wanted)} requested case(s) has a reference in {ref_dir}")
+    problems += [f"prediction without reference (ignored): {name}" for name in extra]
     problems += [f"missing prediction: {pair.name}" for pair in pairs if pair.pred_file is None]
     if skip_missing:
         pairs = [pair for pair in pairs if pair.pred_file is not None]
