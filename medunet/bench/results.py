@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -118,3 +119,53 @@ def pareto_plot(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+HOW_TO_READ = """\
+How to read this: the efficiency tables give each network's cost at fixed inputs; a figure in brackets is
+the ratio to the baseline measured in the same run (below 1x: cheaper). The accuracy table gives Dice on the
+validation cases of one fold after every network was trained with the same recipe and budget (the model of
+the last epoch; the bracket is the difference in mean Dice to the baseline). A network is worth its place
+when no other is both cheaper and at least as accurate: it lies on the upper-left edge of the plots. The
+Dice figures come from one fold and one seed: small differences can be run-to-run noise, so check them on
+other folds (--fold) before concluding."""
+
+
+def results_report(
+    command: str,
+    baseline: str,
+    efficiency: Sequence[EfficiencyResult],
+    accuracy: Sequence[dict[str, Any]] | None = None,
+    recipe: dict[str, Any] | None = None,
+    setup: str = "",
+    plot: str | None = None,
+) -> str:
+    """The benchmark's results file (``benchmarks/RESULTS.md``): provenance, command, recipe, tables, plot.
+
+    Args:
+        command: the exact command that produced it.
+        baseline: the network ratios and Dice differences are taken against.
+        efficiency: the efficiency half's results.
+        accuracy: the accuracy half's rows (:func:`medunet.bench.accuracy.run_accuracy`); None without it.
+        recipe: the training recipe (workflow overrides) shared by every network.
+        setup: a line naming the data, fold and workflow of the accuracy half.
+        plot: the Pareto plot's path relative to the results file, embedded as an image.
+    """
+    parts = [
+        "# medunet bench results",
+        provenance_line(),
+        f"Command (from the repository root):\n\n```bash\n{command}\n```",
+        HOW_TO_READ,
+        f"## Efficiency\n\nRatios are to `{baseline}`, measured in the same run.\n\n{efficiency_tables(efficiency, baseline)}",
+    ]
+    if accuracy is not None:
+        section = ["## Accuracy", setup] if setup else ["## Accuracy"]
+        if recipe is not None:
+            section.append("Recipe (workflow overrides, the same for every network):\n\n```json\n"
+                           f"{json.dumps(recipe, indent=2)}\n```")
+        section.append(f"Dice per label on the validation fold; differences are to `{baseline}`.\n\n"
+                       f"{accuracy_table(accuracy, baseline)}")
+        if plot:
+            section.append(f"![Mean Dice against parameters and peak inference memory]({plot})")
+        parts.append("\n\n".join(section))
+    return "\n\n".join(parts) + "\n"

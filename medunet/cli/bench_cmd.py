@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +27,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-train", action="store_true", help="skip training-step memory and latency")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest"), help="output folder (default benchmarks/latest)")
+    parser.add_argument("--results", type=Path, metavar="FILE",
+                        help="also write the results file here (e.g. benchmarks/RESULTS.md), its plot beside it")
+    accuracy = parser.add_argument_group(
+        "accuracy", "train each network with one recipe on a fold (medunet.bench.accuracy.RECIPE) into "
+        "OUT/runs/<network>; finished runs are reused, so a rerun after a crash trains only what is left")
+    accuracy.add_argument("--accuracy", action="store_true", help="add the accuracy half (trains every network)")
+    accuracy.add_argument("--task-dir", type=Path,
+                          help="MSD task folder (default ../shared/data/Task04_Hippocampus)")
+    accuracy.add_argument("--workflow", type=Path,
+                          help="training workflow (default the task's: workflows/task04_hippocampus.json)")
+    accuracy.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    accuracy.add_argument("--epochs", type=int, help="epochs (default 50; --quick 2)")
+    accuracy.add_argument("--epoch-length", type=int, help="iterations per epoch (default 200; --quick 4)")
+    accuracy.add_argument("--accuracy-networks", nargs="+", help="networks to train (default: those profiled)")
+    accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="change a recipe key for every network, VALUE as JSON (e.g. --set patch_size=[32,32,32])")
     from medunet.tracking import add_tracking_arguments
 
     add_tracking_arguments(parser)
@@ -52,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from medunet.networks import get_preset, list_networks
     from medunet.tracking import tracker_from_args
 
-    networks = args.networks or list(QUICK_NETWORKS if args.quick else BENCH_NETWORKS)
+    networks = list(args.networks or (QUICK_NETWORKS if args.quick else BENCH_NETWORKS))
     if networks == ["all"]:
         networks = list_networks()
     if args.baseline not in networks:
@@ -60,14 +79,23 @@ def run(args: argparse.Namespace) -> int:
     for name in networks:
         get_preset(name)  # fail fast on a misspelt name
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    accuracy = _accuracy_setup(args, networks) if args.accuracy else None
     args.out.mkdir(parents=True, exist_ok=True)
+    command = _command_line(args)
     with tracker_from_args(args, args.out, tags={"kind": "bench"}, device=args.device) as tracker:
         tracker.log_params({"networks": networks, "shapes": shapes, "baseline": args.baseline, "quick": args.quick})
+        if accuracy is not None:
+            tracker.log_params({"accuracy": {key: value for key, value in accuracy.items() if key != "recipe"},
+                                "recipe": accuracy["recipe"]})
         results = run_efficiency(
             networks, shapes, device=args.device, memory=True, train=not args.no_train, repeats=args.repeats,
             volume=_volume(args.volume, args.quick),
         )
-        write_csv([r.as_dict() for r in results], args.out / "efficiency.csv")
+        written = [
+            write_csv([r.as_dict() for r in results], args.out / "efficiency.csv"),
+            args.out / "efficiency.md",
+            args.out / "efficiency.json",
+        ]
         tables = efficiency_tables(results, args.baseline)
         report = f"# medunet bench\n\n{provenance_line()}\n\nRatios are to `{args.baseline}`, measured in the same run.\n\n{tables}\n"
         (args.out / "efficiency.md").write_text(report)
@@ -75,8 +103,124 @@ def run(args: argparse.Namespace) -> int:
         for result in results:
             shape = "x".join(map(str, result.profile.input_shape))
             tracker.log_profile(result.profile, prefix=f"{result.profile.name}.{shape}")
-        tracker.log_artifact(args.out, "bench")
+
+        rows = plot = None
+        if accuracy is not None:
+            rows, plot, accuracy_files = _run_accuracy_half(args, accuracy, results, tracker)
+            written += accuracy_files
+            report += "\n" + (args.out / "accuracy.md").read_text()
+        if args.results is not None:
+            written += _write_results(args, command, results, rows, accuracy, plot)
+        for path in written:
+            tracker.log_artifact(path, "bench")
     print(report)
-    print(f"written: {args.out}/efficiency.csv, efficiency.md, efficiency.json")
+    print("written: " + ", ".join(str(path) for path in written))
     print(tracker.describe())
     return 0
+
+
+def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, Any]:
+    """The accuracy half's settings, checked before the efficiency half runs (a typo fails now, not later)."""
+    from medunet.bench.accuracy import recipe_with
+    from medunet.engines.config import parse_settings, workflow_for_task
+    from medunet.errors import MedunetError
+    from medunet.networks import get_preset
+    from medunet.paths import shared_data_dir
+
+    task_dir = (args.task_dir or shared_data_dir() / "Task04_Hippocampus").resolve()
+    if not (task_dir / "dataset.json").is_file():
+        raise MedunetError(f"--accuracy needs an MSD task folder; {task_dir} has no dataset.json. Fix: pass "
+                           "--task-dir, or put Task04_Hippocampus in ../shared/data (or $MEDUNET_SHARED_DATA).")
+    workflow = args.workflow or workflow_for_task(task_dir)
+    if not Path(workflow).is_file():
+        raise MedunetError(f"workflow {workflow} does not exist. Fix: pass --workflow workflows/<task>.json.")
+    trained = list(args.accuracy_networks or networks)
+    if args.baseline not in trained:
+        trained.insert(0, args.baseline)
+    for name in trained:
+        get_preset(name)
+    recipe = recipe_with(parse_settings(args.set), quick=args.quick, epochs=args.epochs,
+                         epoch_length=args.epoch_length)
+    return {"networks": trained, "task_dir": str(task_dir), "workflow": str(workflow), "fold": args.fold,
+            "recipe": recipe}
+
+
+def _run_accuracy_half(
+    args: argparse.Namespace, accuracy: dict[str, Any], results: list[Any], tracker: Any
+) -> tuple[list[dict[str, Any]], Path | None, list[Path]]:
+    """Train and score each network; write accuracy.csv, accuracy.md and pareto.png; log the Dice values."""
+    from medunet.bench.accuracy import run_accuracy
+    from medunet.bench.results import accuracy_table, pareto_plot, provenance_line, write_csv
+
+    rows = run_accuracy(
+        accuracy["networks"], accuracy["task_dir"], accuracy["workflow"], accuracy["fold"], args.out,
+        recipe=accuracy["recipe"], tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+    )
+    files = [write_csv(rows, args.out / "accuracy.csv")]
+    (args.out / "accuracy.md").write_text(
+        f"# medunet bench: accuracy\n\n{provenance_line()}\n\n{_setup_line(accuracy)}\n\n"
+        f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}\n"
+    )
+    files.append(args.out / "accuracy.md")
+    plot = pareto_plot(results, rows, results[0].profile.input_shape, args.out / "pareto.png") if results else None
+    if plot is not None:
+        files.append(plot)
+    for row in rows:
+        tracker.log_metrics({f"{row['network']}.{key}": value for key, value in row.items()
+                             if key in ("mean_dice", "best_mean_dice", "train_seconds") or key.startswith("dice_")})
+    return rows, plot, files
+
+
+def _setup_line(accuracy: dict[str, Any]) -> str:
+    recipe = accuracy["recipe"]
+    return (f"Trained on fold {accuracy['fold']} of `{accuracy['task_dir']}` with `{accuracy['workflow']}`, "
+            f"{recipe['max_epochs']} epochs x {recipe['epoch_length']} iterations, scored on that fold's validation "
+            "cases (Dice of the last epoch).")
+
+
+def _write_results(
+    args: argparse.Namespace, command: str, results: list[Any], rows: list[dict[str, Any]] | None,
+    accuracy: dict[str, Any] | None, plot: Path | None,
+) -> list[Path]:
+    """``--results FILE``: the results markdown, with the Pareto plot copied beside it."""
+    from medunet.bench.results import results_report
+
+    path: Path = args.results
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = [path]
+    embedded = None
+    if plot is not None:
+        beside = path.parent / plot.name
+        if beside.resolve() != plot.resolve():
+            shutil.copyfile(plot, beside)
+            written.append(beside)
+        embedded = beside.name
+    path.write_text(results_report(
+        command, args.baseline, results, rows, recipe=accuracy["recipe"] if accuracy else None,
+        setup=_setup_line(accuracy) if accuracy else "", plot=embedded,
+    ))
+    return written
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``medunet bench`` command that repeats this run (every option that differs from its default)."""
+    words = ["medunet", "bench"]
+    flags = [("--quick", args.quick), ("--no-train", args.no_train), ("--accuracy", args.accuracy),
+             ("--no-tracking", args.no_tracking)]
+    values = [("--networks", args.networks), ("--shapes", args.shapes),
+              ("--baseline", None if args.baseline == "monai_unet_spleen" else args.baseline),
+              ("--device", None if args.device == "cpu" else args.device), ("--volume", args.volume),
+              ("--repeats", None if args.repeats == 3 else args.repeats), ("--out", args.out),
+              ("--task-dir", args.task_dir), ("--workflow", args.workflow),
+              ("--fold", args.fold or None), ("--epochs", args.epochs), ("--epoch-length", args.epoch_length),
+              ("--accuracy-networks", args.accuracy_networks), ("--results", args.results),
+              ("--tracking-uri", args.tracking_uri),
+              ("--experiment", None if args.experiment == "medunet" else args.experiment)]
+    words += [flag for flag, on in flags if on]
+    for option, value in values:
+        if value is not None:
+            words += [option, *map(str, value if isinstance(value, list) else [value])]
+    for pair in args.set:
+        words += ["--set", pair]
+    return shlex.join(words)

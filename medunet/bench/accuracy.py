@@ -1,0 +1,209 @@
+"""The accuracy half of ``medunet bench``: every network trained with one recipe and budget on one fold.
+
+Each network is trained by the ordinary training workflow (:func:`medunet.engines.run_workflow`, the same
+engines as ``medunet train``) with the overrides of :data:`RECIPE`, into ``OUT_DIR/runs/<network>``, and is
+scored on that fold's validation cases: mean Dice and Dice per foreground label, from the run's
+``metrics.json``. Every training is its own MLflow run (``kind=train``, named after the network).
+
+The reported Dice is that of the **last epoch** (the model the fixed budget produces; the workflow always
+validates after the last epoch). The best validated epoch is reported beside it, but not used for ranking:
+picking the epoch on the cases it is scored on would flatter the networks that fluctuate most.
+
+Resumable: a finished run with the same recipe is read back, not retrained; an unfinished one resumes from
+its checkpoint (the training engine's resume). So rerunning the bench after a crash trains only what is
+left. A run folder trained with another recipe is refused, never mixed.
+
+Commands (from the repository root, with ``../shared/data/Task04_Hippocampus`` in place)::
+
+    # quick check, minutes on a laptop CPU: 4 networks, 2 epochs x 4 iterations each
+    medunet bench --quick --accuracy --out benchmarks/quick --results benchmarks/quick/RESULTS.md
+
+    # the full benchmark (GPU advised: 17 networks x 10,000 iterations), the table kept in the repository
+    medunet bench --accuracy --device cuda --out benchmarks/latest --results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medunet.engines.checkpoint import METRICS_JSON
+from medunet.engines.config import WORKFLOW_COPY, build_overrides, load_workflow, run_workflow
+from medunet.errors import MedunetError
+from medunet.paths import REPO_ROOT
+
+#: One recipe for every network (workflow overrides): DiceCE loss, AdamW (lr 1e-3, weight decay 1e-5),
+#: polynomial learning-rate decay (power 0.9, stepped per epoch), 50 epochs x 200 iterations of 2 images
+#: x 2 random patches (the preset's patch size, 48x64x48 for Hippocampus), validation every 5 epochs and
+#: after the last, no early stopping, seed 0. The training budget, 10,000 iterations, is the same for all.
+RECIPE: dict[str, Any] = {
+    "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
+    "learning_rate": 1e-3,
+    "optimizer": {"_target_": "torch.optim.AdamW", "_mode_": "callable", "lr": "@learning_rate",
+                  "weight_decay": 1e-5},
+    "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "_mode_": "callable",
+                     "total_iters": "@max_epochs", "power": 0.9},
+    "max_epochs": 50,
+    "epoch_length": 200,
+    "val_interval": 5,
+    "batch_size": 2,
+    "num_samples": 2,
+    "patch_size": "$@preset.patch_size",
+    "early_stop_patience": 0,
+    "seed": 0,
+}
+#: ``--quick``: the same recipe at a smoke-test budget (2 epochs x 4 iterations), loading only the cases used.
+QUICK_RECIPE: dict[str, Any] = {**RECIPE, "max_epochs": 2, "epoch_length": 4, "val_interval": 2, "cache": "none"}
+
+RUNS_DIR = "runs"
+# Keys whose value must match for a finished run to count as this benchmark's run.
+_IDENTITY_KEYS = ("network_name", "fold", "dataset_dir", "datalist")
+
+
+def recipe_with(overrides: Mapping[str, Any] | None = None, quick: bool = False,
+                epochs: int | None = None, epoch_length: int | None = None) -> dict[str, Any]:
+    """:data:`RECIPE` (or :data:`QUICK_RECIPE`) with ``--epochs``, ``--epoch-length`` and other keys replaced.
+
+    Args:
+        overrides: any workflow keys, e.g. ``{"patch_size": [16, 16, 16]}``.
+        quick: start from :data:`QUICK_RECIPE`.
+        epochs: ``max_epochs``.
+        epoch_length: iterations per epoch.
+    """
+    recipe = dict(QUICK_RECIPE if quick else RECIPE)
+    if epochs is not None:
+        recipe["max_epochs"] = int(epochs)
+    if epoch_length is not None:
+        recipe["epoch_length"] = int(epoch_length)
+    recipe.update(overrides or {})
+    return recipe
+
+
+def run_accuracy(
+    networks: Sequence[str],
+    task_dir: str | Path,
+    workflow: str | Path,
+    fold: int = 0,
+    out_dir: str | Path = "benchmarks/latest",
+    recipe: Mapping[str, Any] | None = None,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str = "medunet",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train each network with one recipe on ``fold`` of ``task_dir`` and score it on the fold's validation cases.
+
+    Args:
+        networks: registry names (``medunet networks``), trained in this order.
+        task_dir: the MSD task folder (e.g. ``../shared/data/Task04_Hippocampus``).
+        workflow: the training workflow file (e.g. ``workflows/task04_hippocampus.json``).
+        fold: the validation fold of the workflow's datalist.
+        out_dir: the benchmark folder; each training goes to ``OUT_DIR/runs/<network>``.
+        recipe: workflow overrides applied to every training; default :data:`RECIPE` (see :func:`recipe_with`).
+        tracking: track each training as its own MLflow run.
+        tracking_uri: the MLflow store or server (default as ``medunet train``).
+        experiment: the MLflow experiment.
+        progress: show progress bars.
+
+    Returns:
+        One row per network: ``network``, ``params``, ``mean_dice`` and ``dice_<label>`` (validation fold,
+        last validated epoch: ``scored_epoch``), ``best_mean_dice``, ``best_epoch``, ``epochs``, ``train_seconds`` (the sum of the
+        epochs' times, validation included, over every session that trained the run), ``reused`` (True when
+        a finished run was read back), ``run_dir``.
+
+    Example:
+        >>> rows = run_accuracy(["lunet_small_8f"], "../shared/data/Task04_Hippocampus",  # doctest: +SKIP
+        ...                     "workflows/task04_hippocampus.json", out_dir="benchmarks/latest")
+        >>> rows[0]["dice_Anterior"]  # doctest: +SKIP
+    """
+    task_dir, workflow, out_dir = Path(task_dir).resolve(), Path(workflow), Path(out_dir)
+    if not (task_dir / "dataset.json").is_file():
+        raise MedunetError(f"{task_dir} is not an MSD task folder (no dataset.json). Fix: pass --task-dir with "
+                           "the task, e.g. ../shared/data/Task04_Hippocampus.")
+    recipe = dict(RECIPE if recipe is None else recipe)
+    datalist = _datalist_override(workflow)
+    rows = []
+    for network in networks:
+        run_dir = out_dir / RUNS_DIR / network
+        overrides = build_overrides(network=network, fold=fold, data_root=task_dir, datalist=datalist,
+                                    run_dir=run_dir, settings={**recipe, "tracking": tracking,
+                                                               "tracking_uri": tracking_uri,
+                                                               "experiment": experiment, "progress": progress})
+        _check_same_recipe(run_dir, overrides)
+        reused = _finished(run_dir)
+        if not reused:
+            print(f"bench accuracy: training {network} into {run_dir}", flush=True)
+            start = time.perf_counter()
+            run_workflow(workflow, overrides)
+            print(f"bench accuracy: {network} trained in {time.perf_counter() - start:.0f} s", flush=True)
+            if not _finished(run_dir):
+                raise MedunetError(f"training {network} in {run_dir} did not finish (see its metrics.json). "
+                                   "Fix: rerun the bench; it resumes from the checkpoint.")
+        rows.append({**accuracy_row(run_dir), "reused": reused})
+    return rows
+
+
+def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
+    """The benchmark row of a finished training run folder (from its ``config.json`` and ``metrics.json``).
+
+    Args:
+        run_dir: a run folder written by the training workflow.
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / METRICS_JSON).read_text())
+    validated = [row for row in metrics["epochs"] if row.get("val_mean_dice") is not None]
+    if not validated:
+        raise MedunetError(f"{run_dir}/{METRICS_JSON} has no validated epoch; the run cannot be scored. "
+                           "Fix: delete the folder and rerun the bench.")
+    last = validated[-1]
+    row: dict[str, Any] = {
+        "network": config["network"]["name"],
+        "params": config["network"]["parameters"],
+        "mean_dice": float(last["val_mean_dice"]),
+    }
+    for key, value in last.items():
+        if key.startswith("val_dice_"):
+            row[key.removeprefix("val_")] = float(value) if value is not None else float("nan")
+    row.update(
+        scored_epoch=int(last["epoch"]),
+        best_mean_dice=metrics.get("best_metric"),
+        best_epoch=metrics.get("best_epoch"),
+        epochs=len(metrics["epochs"]),
+        train_seconds=round(sum(r.get("epoch_seconds") or 0.0 for r in metrics["epochs"]), 1),
+        run_dir=str(run_dir),
+    )
+    return row
+
+
+def _finished(run_dir: Path) -> bool:
+    path = run_dir / METRICS_JSON
+    return path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+
+
+def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
+    """Refuse a run folder trained (or begun) with another recipe, network, fold or data."""
+    copy = run_dir / WORKFLOW_COPY
+    if not copy.is_file():
+        return
+    before = json.loads(copy.read_text())
+    changed = sorted(key for key in overrides
+                     if (key in RECIPE or key in _IDENTITY_KEYS) and before.get(key) != overrides[key])
+    if changed:
+        detail = ", ".join(f"{key}: {before.get(key)!r} -> {overrides[key]!r}" for key in changed)
+        raise MedunetError(f"{run_dir} was trained with another recipe ({detail}); reusing it would mix budgets. "
+                           "Fix: pass another --out, or delete that folder to retrain.")
+
+
+def _datalist_override(workflow: Path) -> str | None:
+    """The workflow's datalist made absolute when it is a plain path relative to the repository (so the bench
+    runs from any folder); None keeps the workflow's own expression."""
+    value = load_workflow(workflow).get().get("datalist")
+    if not isinstance(value, str) or value.startswith(("$", "@", "%")) or Path(value).is_absolute():
+        return None
+    if Path(value).is_file():
+        return str(Path(value).resolve())
+    return str(REPO_ROOT / value) if (REPO_ROOT / value).is_file() else None
