@@ -65,12 +65,12 @@ def test_bench_quick_writes_csv_markdown_and_tracks(tmp_path: Path, capsys: pyte
                  "--volume", "48x48x32", "--no-train", "--repeats", "1", "--out", str(out),
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"])
     assert code == 0
-    rows = list(csv.DictReader((out / "efficiency.csv").open()))
+    rows = list(csv.DictReader((out / "efficiency.csv").open(encoding="utf-8")))
     assert [r["name"] for r in rows] == ["unet_small_2f", "lunet_small_2f"]
     assert all(float(r["throughput_vps"]) > 0 and int(r["peak_infer_bytes"]) > 0 for r in rows)
-    table = (out / "efficiency.md").read_text()
+    table = (out / "efficiency.md").read_text(encoding="utf-8")
     assert "Ratios are to `unet_small_2f`" in table and "lunet_small_2f" in table
-    assert json.loads((out / "efficiency.json").read_text())[1]["params"] < json.loads((out / "efficiency.json").read_text())[0]["params"]
+    assert json.loads((out / "efficiency.json").read_text(encoding="utf-8"))[1]["params"] < json.loads((out / "efficiency.json").read_text(encoding="utf-8"))[0]["params"]
 
     from mlflow.tracking import MlflowClient
 

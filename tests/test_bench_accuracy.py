@@ -45,15 +45,15 @@ def test_run_accuracy_trains_each_network_and_scores_dice_per_label(first_run: d
     assert [row["network"] for row in rows] == NETWORKS
     for row in rows:
         run_dir = out / "runs" / row["network"]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["finished"] and len(metrics["epochs"]) == 1
-        assert row["params"] == json.loads((run_dir / "config.json").read_text())["network"]["parameters"] > 0
+        assert row["params"] == json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["network"]["parameters"] > 0
         assert {key for key in row if key.startswith("dice_")} == {"dice_organ", "dice_lesion"}
         assert all(0.0 <= row[key] <= 1.0 for key in ("mean_dice", "dice_organ", "dice_lesion"))
         assert row["mean_dice"] == pytest.approx(metrics["epochs"][-1]["val_mean_dice"])
         assert row["scored_epoch"] == 1 and row["best_epoch"] == 1 and row["reused"] is False
         assert row["train_seconds"] > 0
-        workflow = json.loads((run_dir / "workflow.json").read_text())
+        workflow = json.loads((run_dir / "workflow.json").read_text(encoding="utf-8"))
         assert workflow["max_epochs"] == 1 and workflow["epoch_length"] == 2 and workflow["patch_size"] == [16, 16, 16]
         assert workflow["optimizer"] == RECIPE["optimizer"] and workflow["loss"] == RECIPE["loss"]
     assert rows[0]["params"] < rows[1]["params"]  # the lean U-Net is the smaller one
@@ -94,13 +94,13 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
                  "--set", "patch_size=[16,16,16]", "--set", "profile_memory=false", "--results", str(results),
                  "--tracking-uri", uri])
     assert code == 0
-    rows = list(csv.DictReader((out / "accuracy.csv").open()))
+    rows = list(csv.DictReader((out / "accuracy.csv").open(encoding="utf-8")))
     assert [row["network"] for row in rows] == ["unet_small_2f", "lunet_small_2f"]  # the baseline is trained too
     assert all(0.0 <= float(row["dice_organ"]) <= 1.0 and 0.0 <= float(row["dice_lesion"]) <= 1.0 for row in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (results.parent / "pareto.png").is_file()
 
-    text = results.read_text()
+    text = results.read_text(encoding="utf-8")
     assert "## Efficiency" in text and "## Accuracy" in text and "](pareto.png)" in text
     efficiency, accuracy = text.split("## Efficiency", 1)[1].split("## Accuracy", 1)
     assert re.search(r"\| lunet_small_2f +\| [\d.]+k \(0\.\d+x\)", efficiency)  # params with ratio to the baseline

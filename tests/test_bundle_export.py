@@ -63,7 +63,7 @@ def test_bundle_has_the_model_zoo_layout(exported: dict[str, Path]) -> None:
 
 
 def test_metadata_meets_the_specification_and_states_efficiency(exported: dict[str, Path]) -> None:
-    metadata = json.loads((exported["bundle"] / "configs" / "metadata.json").read_text())
+    metadata = json.loads((exported["bundle"] / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert check_metadata(metadata) == []
     efficiency = metadata["efficiency"]
     network = create_network(NETWORK, spatial_dims=3, in_channels=1, out_channels=3)
@@ -74,8 +74,8 @@ def test_metadata_meets_the_specification_and_states_efficiency(exported: dict[s
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
     assert metadata["eval_metrics"]["val_mean_dice"] == pytest.approx(
-        json.loads((exported["run"] / "metrics.json").read_text())["best_metric"], abs=1e-4)
-    card = (exported["bundle"] / "docs" / "README.md").read_text()
+        json.loads((exported["run"] / "metrics.json").read_text(encoding="utf-8"))["best_metric"], abs=1e-4)
+    card = (exported["bundle"] / "docs" / "README.md").read_text(encoding="utf-8")
     for section in ("## Intended use", "## Data", "## Metrics", "## Efficiency", "2,575"):
         assert section in card
 
@@ -140,7 +140,7 @@ def test_bundle_preprocessing_matches_medunets_validation_chain(exported: dict[s
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(MedunetError, match="config.json does not exist"):
         read_run(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"task": "PhantomCT", "network": {"name": NETWORK}}))
+    (tmp_path / "config.json").write_text(json.dumps({"task": "PhantomCT", "network": {"name": NETWORK}}), encoding="utf-8")
     with pytest.raises(MedunetError, match="models/model.pt does not exist"):
         read_run(tmp_path)
 

@@ -23,7 +23,7 @@ TEST_BUNDLE_METADATA = Path(__file__).parent / "bundles" / "phantom_seg" / "conf
 
 @pytest.fixture
 def metadata() -> dict:
-    return json.loads(TEST_BUNDLE_METADATA.read_text())
+    return json.loads(TEST_BUNDLE_METADATA.read_text(encoding="utf-8"))
 
 
 def test_the_test_bundle_metadata_meets_the_specification(metadata: dict) -> None:
@@ -67,7 +67,7 @@ def test_tensors_monai_tools_read_must_exist(metadata: dict) -> None:
 def test_validate_metadata_names_the_file_and_every_problem(tmp_path: Path, metadata: dict) -> None:
     del metadata["authors"], metadata["network_data_format"]["inputs"]["image"]["dtype"]
     path = tmp_path / "metadata.json"
-    path.write_text(json.dumps(metadata))
+    path.write_text(json.dumps(metadata), encoding="utf-8")
     with pytest.raises(MedunetError) as error:
         validate_metadata(path)
     message = str(error.value)
@@ -87,7 +87,7 @@ def test_monai_verify_metadata_runs_offline_with_a_schema_at_hand(tmp_path: Path
     validate_metadata(TEST_BUNDLE_METADATA, schema_file=schema)  # MONAI's verify_metadata: file exists, no download
     del metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     broken = tmp_path / "metadata.json"
-    broken.write_text(json.dumps(metadata))
+    broken.write_text(json.dumps(metadata), encoding="utf-8")
     from monai.bundle import verify_metadata
 
     with pytest.raises(ValueError, match="channel_def"):

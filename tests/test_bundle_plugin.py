@@ -51,7 +51,7 @@ def plugged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Train the standard bundle for one epoch with a medunet network, tracked in a SQLite MLflow store."""
     work = tmp_path_factory.mktemp("plugin")
     task = make_phantom_task(work / "Task90_PhantomCT", kind="ct", num_cases=3, num_test=1, size=(48, 48, 32))
-    (work / "override.json").write_text(json.dumps({"network_def": NETWORK}))
+    (work / "override.json").write_text(json.dumps({"network_def": NETWORK}), encoding="utf-8")
     root = work / "bundle_root"
     root.mkdir()
     store = f"sqlite:///{work / 'mlflow.db'}"
@@ -91,7 +91,7 @@ def test_evaluate_config_scores_the_trained_medunet_network(plugged: dict[str, A
     monai_bundle("run", "--config_file", configs, "--bundle_root", str(plugged["root"]),
                  "--dataset_dir", str(plugged["task"]), "--network_def", "%override.json#network_def",
                  cwd=plugged["work"])
-    per_case = (plugged["root"] / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
+    per_case = (plugged["root"] / "eval" / "val_mean_dice_raw.csv").read_text(encoding="utf-8").splitlines()
     assert len(per_case) == 2  # header + the one validation case
     assert "phantom_002" in per_case[1]
 

@@ -46,13 +46,13 @@ def broken_task(clean_task: Path, tmp_path: Path) -> Path:
     shifted = label.affine.copy()
     shifted[0, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), root / "labelsTr" / "phantom_004.nii.gz")
-    dataset = json.loads((root / "dataset.json").read_text())
+    dataset = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     # phantom_005: its image path escapes the task folder
     shutil.copy(root / "imagesTr" / "phantom_005.nii.gz", tmp_path / "phantom_005.nii.gz")
     dataset["training"][5]["image"] = "../phantom_005.nii.gz"
     # phantom_006: image not gzip at all
     (root / "imagesTr" / "phantom_006.nii.gz").write_bytes(b"this is not an image")
-    (root / "dataset.json").write_text(json.dumps(dataset))
+    (root / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
     return root
 
 
@@ -106,9 +106,9 @@ def test_headers_only_mode_misses_truncated_voxels_but_not_broken_headers(broken
 
 def test_absolute_path_outside_and_float_label_values_are_reported(clean_task: Path, tmp_path: Path) -> None:
     root = Path(shutil.copytree(clean_task, tmp_path / "task"))
-    dataset = json.loads((root / "dataset.json").read_text())
+    dataset = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     dataset["training"][0]["label"] = str(tmp_path / "elsewhere.nii.gz")
-    (root / "dataset.json").write_text(json.dumps(dataset))
+    (root / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
     label = nib.load(root / "labelsTr" / "phantom_001.nii.gz")
     values = np.asarray(label.dataobj).astype(np.float32)
     values[1, 1, 1] = 0.5
@@ -120,9 +120,9 @@ def test_absolute_path_outside_and_float_label_values_are_reported(clean_task: P
 
 def test_channel_count_must_match_modality(clean_task: Path, tmp_path: Path) -> None:
     root = Path(shutil.copytree(clean_task, tmp_path / "task"))
-    dataset = json.loads((root / "dataset.json").read_text())
+    dataset = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     dataset["modality"] = {"0": "CT", "1": "CT"}
-    (root / "dataset.json").write_text(json.dumps(dataset))
+    (root / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
     problems = check_task(root, progress=False)
     assert len(problems) == 8  # seven training images and the test image
     assert "image has 1 channel(s) but dataset.json 'modality' declares 2" in str(problems[0])
@@ -130,9 +130,9 @@ def test_channel_count_must_match_modality(clean_task: Path, tmp_path: Path) -> 
 
 def test_empty_training_list_and_bad_json_are_reported(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "modality": {"0": "CT"},
-                                                       "training": []}))
+                                                       "training": []}), encoding="utf-8")
     assert "lists no training cases" in str(check_task(tmp_path, progress=False)[0])
-    (tmp_path / "dataset.json").write_text("{not json")
+    (tmp_path / "dataset.json").write_text("{not json", encoding="utf-8")
     [problem] = check_task(tmp_path, progress=False)
     assert "not valid JSON" in str(problem) and "Fix: repair the file" in str(problem)
 
@@ -140,9 +140,9 @@ def test_empty_training_list_and_bad_json_are_reported(tmp_path: Path) -> None:
 def test_datalist_cases_are_checked_instead_of_dataset_json(clean_task: Path, tmp_path: Path) -> None:
     datalist_file = write_datalist(clean_task, tmp_path / "folds.json", num_folds=2)
     assert check_task(clean_task, datalist=datalist_file, progress=False) == []
-    raw = json.loads(datalist_file.read_text())
+    raw = json.loads(datalist_file.read_text(encoding="utf-8"))
     raw["training"][0]["label"] = "../../etc/passwd"
-    datalist_file.write_text(json.dumps(raw))
+    datalist_file.write_text(json.dumps(raw), encoding="utf-8")
     [problem] = check_task(clean_task, datalist=datalist_file, progress=False)
     assert problem.case == "phantom_000" and "outside the task folder" in problem.problem
 

@@ -52,7 +52,7 @@ def test_folds_are_disjoint_and_cover_all_cases(phantom_task: Path, tmp_path: Pa
 
 def test_datalist_paths_are_relative_so_the_file_moves_with_the_data(phantom_task: Path, tmp_path: Path) -> None:
     datalist_file = write_datalist(phantom_task, tmp_path / "folds.json", num_folds=2)
-    raw = json.loads(datalist_file.read_text())
+    raw = json.loads(datalist_file.read_text(encoding="utf-8"))
     assert raw["training"][0]["image"].startswith("imagesTr/") and raw["task"] == "Task90_PhantomCT"
     moved = shutil.copytree(phantom_task, tmp_path / "elsewhere" / phantom_task.name)
     train, _ = load_fold(datalist_file, 0, data_root=moved)
@@ -76,7 +76,7 @@ def test_make_datalist_cli_writes_the_default_file(phantom_task: Path, tmp_path:
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["make-datalist", str(phantom_task), "--folds", "3", "--seed", "2"]) == 0
-    written = json.loads((tmp_path / "data_lists" / "Task90_PhantomCT_folds.json").read_text())
+    written = json.loads((tmp_path / "data_lists" / "Task90_PhantomCT_folds.json").read_text(encoding="utf-8"))
     assert written == make_datalist(phantom_task, num_folds=3, seed=2)
 
 
@@ -87,7 +87,7 @@ def test_missing_datalist_file_names_the_command_to_make_it(tmp_path: Path) -> N
 
 @pytest.mark.realdata
 def test_committed_hippocampus_datalist_is_what_the_command_writes(hippocampus_dir: Path) -> None:
-    committed = json.loads((REPO_ROOT / "data_lists" / "Task04_Hippocampus_folds.json").read_text())
+    committed = json.loads((REPO_ROOT / "data_lists" / "Task04_Hippocampus_folds.json").read_text(encoding="utf-8"))
     assert committed == make_datalist(hippocampus_dir, num_folds=5, seed=0)
     train, val = load_fold(REPO_ROOT / "data_lists" / "Task04_Hippocampus_folds.json", 0, hippocampus_dir)
     assert len(train) + len(val) == 208 and len(val) in (41, 42)
@@ -97,7 +97,7 @@ def test_committed_hippocampus_datalist_is_what_the_command_writes(hippocampus_d
 def test_committed_spleen_datalist_uses_its_single_case_everywhere(spleen_dir: Path) -> None:
     datalist_file = REPO_ROOT / "data_lists" / "Task09_Spleen_folds.json"
     with pytest.warns(UserWarning):
-        assert json.loads(datalist_file.read_text()) == make_datalist(spleen_dir, num_folds=5, seed=0)
+        assert json.loads(datalist_file.read_text(encoding="utf-8")) == make_datalist(spleen_dir, num_folds=5, seed=0)
     with pytest.warns(UserWarning):
         train, val = load_fold(datalist_file, 3, spleen_dir)
     assert [i["case"] for i in train] == [i["case"] for i in val] == ["spleen_2"]

@@ -58,7 +58,7 @@ def test_missing_dataset_json_names_the_file_and_the_fix(tmp_path: Path) -> None
 
 
 def test_dataset_json_without_training_key_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "modality": {"0": "CT"}}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "modality": {"0": "CT"}}), encoding="utf-8")
     with pytest.raises(MedunetError, match="training"):
         load_task(tmp_path)
 

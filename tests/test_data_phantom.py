@@ -53,7 +53,7 @@ def test_multichannel_case_is_four_d_with_distinct_channels() -> None:
 
 def test_task_is_written_in_msd_form(tmp_path: Path) -> None:
     root = make_phantom_task(tmp_path / "Task90_PhantomCT", kind="ct", num_cases=2, num_test=1, size=(12, 12, 8))
-    dataset = json.loads((root / "dataset.json").read_text())
+    dataset = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["modality"] == {"0": "CT"} and dataset["labels"]["2"] == "lesion"
     assert dataset["numTraining"] == 2 and dataset["test"] == ["./imagesTs/phantom_002.nii.gz"]
     item = dataset["training"][1]
@@ -66,7 +66,7 @@ def test_make_phantom_cli_writes_a_four_d_mri_task(tmp_path: Path) -> None:
     out = tmp_path / "Task91_PhantomMRI"
     assert main(["make-phantom", str(out), "--kind", "mri", "--cases", "1", "--test-cases", "0",
                  "--size", "10", "12", "8", "--channels", "2", "--seed", "3"]) == 0
-    dataset = json.loads((out / "dataset.json").read_text())
+    dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["modality"] == {"0": "T1", "1": "T2"} and dataset["tensorImageSize"] == "4D"
     assert nib.load(out / "imagesTr" / "phantom_000.nii.gz").shape == (10, 12, 8, 2)
 

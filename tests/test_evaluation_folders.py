@@ -42,7 +42,7 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     save(pred_dir / "case_a.nii.gz", two_label_case())
     save(pred_dir / "case_b_0000.nii.gz", two_label_case(offset=2))
     save(pred_dir / "stray.nii.gz", two_label_case())
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "left": 1, "right": 2}}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "left": 1, "right": 2}}), encoding="utf-8")
     return pred_dir, ref_dir
 
 
@@ -142,7 +142,7 @@ def test_parallel_workers_give_the_same_rows_as_serial(folders, tmp_path):
 def test_summary_json_is_nnunet_compatible_and_csv_has_a_row_per_case_and_label(folders, tmp_path):
     pred_dir, ref_dir = folders
     result = evaluate_folders(pred_dir, ref_dir, tmp_path / "out", report=False, workers=1, progress=False)
-    summary = json.loads(result.files["summary_json"].read_text())
+    summary = json.loads(result.files["summary_json"].read_text(encoding="utf-8"))
     assert {"metric_per_case", "mean", "foreground_mean"} <= set(summary)
     assert set(summary["mean"]) == {"1", "2"}
     assert {"Dice", "IoU", "TP", "FP", "FN", "TN", "n_pred", "n_ref", "hd95_mm", "nsd"} <= set(summary["mean"]["1"])
@@ -150,7 +150,7 @@ def test_summary_json_is_nnunet_compatible_and_csv_has_a_row_per_case_and_label(
     assert summary["foreground_mean"]["Dice"] == pytest.approx(np.mean(per_label))
     first = summary["metric_per_case"][0]
     assert {"metrics", "prediction_file", "reference_file"} <= set(first)
-    with open(result.files["cases_csv"]) as stream:
+    with open(result.files["cases_csv"], encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 3 * 2
     assert {"case", "label", "dice", "hd95_mm", "assd_mm", "nsd", "ref_volume_ml", "status"} <= set(rows[0])
@@ -165,7 +165,7 @@ def test_cli_evaluate_writes_outputs_and_exit_code(folders, tmp_path, capsys):
     assert (out / "summary.json").is_file() and (out / "cases.csv").is_file()
     printed = capsys.readouterr().out
     assert "left" in printed and "missing prediction: case_c" in printed
-    tolerances = json.loads((out / "summary.json").read_text())["medunet"]["provenance"]["evaluation"]
+    tolerances = json.loads((out / "summary.json").read_text(encoding="utf-8"))["medunet"]["provenance"]["evaluation"]
     assert tolerances["nsd_tolerance_mm"] == {"left": 1.5, "right": 3.0}
 
 

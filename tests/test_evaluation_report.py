@@ -65,7 +65,7 @@ def test_spleen_metrics_are_real_and_in_range(spleen_report):
 
 def test_spleen_html_is_self_contained_with_table_plots_and_overlay(spleen_report):
     result, _ = spleen_report
-    text = result.files["report_html"].read_text()
+    text = result.files["report_html"].read_text(encoding="utf-8")
     assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', text)) == 3
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing loaded from the network
     assert "Research use only" in text and "checkpoint_sha256" in text
@@ -101,7 +101,7 @@ def test_spleen_html_renders_in_headless_chromium(spleen_report):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     result, tmp = spleen_report
     probed = tmp / "probed.html"  # a copy with a probe that records whether every image decoded
-    probed.write_text(result.files["report_html"].read_text().replace("</body>", _LOAD_PROBE))
+    probed.write_text(result.files["report_html"].read_text(encoding="utf-8").replace("</body>", _LOAD_PROBE), encoding="utf-8")
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'chromium'}",
                "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()]

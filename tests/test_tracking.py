@@ -67,7 +67,7 @@ class MlflowServer:
         self.watcher.join(SERVER_START_TIMEOUT_S)
         if self.start_seconds is None:
             pytest.fail(f"mlflow server (exit code {self.process.poll()}) did not answer /health within "
-                        f"{SERVER_START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+                        f"{SERVER_START_TIMEOUT_S} s:\n{self.log.read_text(encoding='utf-8')[-3000:]}")
         print(f"mlflow server answered /health {self.start_seconds:.1f} s after its launch")
         return self.url
 
@@ -93,7 +93,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
                "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     log = root / "server.log"
-    with open(log, "w") as stream:
+    with open(log, "w", encoding="utf-8") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=root, env=env,
                                    start_new_session=True)
     server = MlflowServer(f"http://127.0.0.1:{port}", process, log, time.perf_counter())
@@ -179,7 +179,7 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
     evaluation = evaluate_folders(pred_dir, ref_dir, tmp_path / "evaluation", labels={1: "left", 2: "right"},
                                   report=False, workers=1, progress=False)
     config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({"network": {"name": "lunet_small_2f", "features": 2}, "fold": 1}))
+    config_file.write_text(json.dumps({"network": {"name": "lunet_small_2f", "features": 2}, "fold": 1}), encoding="utf-8")
 
     with Tracker(run_name="local") as tracker:
         tracker.log_config(config_file)
@@ -270,7 +270,7 @@ def test_training_logged_over_http_to_a_real_server(mlflow_server, tmp_path, cap
     assert run.data.tags["mlflow.runName"] == "http_run" and "version.monai" in run.data.tags
     downloaded = client.download_artifacts(run_id, "models/model.pt", str(tmp_path / "download"))
     assert torch.load(downloaded, weights_only=True).keys() == torch.load(run_dir / "models" / "model.pt").keys()
-    assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())["fold"] == 0
+    assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text(encoding="utf-8"))["fold"] == 0
 
 
 def test_server_dying_mid_run_moves_everything_to_the_fallback_store(mlflow_server, tmp_path, caplog):

@@ -137,4 +137,4 @@ def test_demo_trains_predicts_held_out_cases_in_original_space_and_reports(tmp_p
         np.testing.assert_allclose(prediction.affine, image.affine, atol=1e-4)
     evaluation = tmp_path / "demo" / "run" / "evaluation"
     assert {"cases.csv", "summary.json", "report.html"} <= {p.name for p in evaluation.iterdir()}
-    assert json.loads((evaluation / "summary.json").read_text())
+    assert json.loads((evaluation / "summary.json").read_text(encoding="utf-8"))

@@ -83,24 +83,24 @@ def test_training_writes_bundle_layout_checkpoints_metrics_and_config(tiny_task:
     assert {"network", "optimizer", "lr_scheduler", "trainer", "run_state"} <= set(resume)
     assert checkpoint_epoch(resume) == 2 and resume["run_state"]["finished"]
 
-    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    rows = (run_dir / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].split(",")[:4] == ["epoch", "train_loss", "learning_rate", "val_mean_dice"]
     assert {"val_dice_organ", "val_dice_lesion"} <= set(rows[0].split(",")) and len(rows) == 3
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2] and metrics["best_epoch"] in (1, 2)
 
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert config["network"]["name"] == NETWORK and config["network"]["args"]["out_channels"] == 3
     assert config["fold"] == 0 and Path(config["dataset_dir"]) == tiny_task.resolve()
     assert config["preset"]["patch_size"] == [16, 16, 16]
-    workflow = json.loads((run_dir / "workflow.json").read_text())
+    workflow = json.loads((run_dir / "workflow.json").read_text(encoding="utf-8"))
     assert workflow["network_name"] == NETWORK and workflow["max_epochs"] == 2
 
     # Rerunning a finished run trains nothing and rewrites nothing.
-    before = (run_dir / "metrics.csv").read_text()
+    before = (run_dir / "metrics.csv").read_text(encoding="utf-8")
     (again,) = run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir))
     assert again["finished"] and again["resumed_from_epoch"] == 2
-    assert (run_dir / "metrics.csv").read_text() == before
+    assert (run_dir / "metrics.csv").read_text(encoding="utf-8") == before
 
 
 def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Path, tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Pa
     while not metrics_file.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert process.poll() is None, f"training ended before the first checkpoint: {process.stderr.read().decode()}"
-    first_epoch_seconds = json.loads(metrics_file.read_text())["epochs"][0]["epoch_seconds"]
+    first_epoch_seconds = json.loads(metrics_file.read_text(encoding="utf-8"))["epochs"][0]["epoch_seconds"]
     time.sleep(max(0.3 * first_epoch_seconds, 0.5))  # well inside epoch 2
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -125,16 +125,16 @@ def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Pa
     assert 1 <= killed_at < 3
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model_last.pt", weights_only=True)["model"])
-    assert len(json.loads(metrics_file.read_text())["epochs"]) == killed_at
+    assert len(json.loads(metrics_file.read_text(encoding="utf-8"))["epochs"]) == killed_at
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {run_dir} after epoch {killed_at}/3" in rerun.stdout
-    metrics = json.loads(metrics_file.read_text())
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3] and metrics["finished"]
     resume = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True)
     assert checkpoint_epoch(resume) == 3
-    assert json.loads((run_dir / "config.json").read_text())["resumed_from_epoch"] == killed_at
+    assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["resumed_from_epoch"] == killed_at
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
 
 
@@ -147,9 +147,9 @@ def test_torchrun_two_cpu_processes_on_gloo_give_a_loadable_checkpoint(tiny_task
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert config["world_size"] == 2 and config["device"] == "cpu"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["finished"] and metrics["epochs"][0]["val_mean_dice"] is not None
 
 
@@ -191,4 +191,4 @@ def test_monai_bundle_run_trains_the_demo_config(tmp_path: Path) -> None:
     assert (task_dir / "dataset.json").is_file() and (task_dir / "folds.json").is_file()
     checkpoint = torch.load(run_dir / "models" / "model.pt", weights_only=True)
     tiny_network().load_state_dict(checkpoint["model"])
-    assert json.loads((run_dir / "metrics.json").read_text())["finished"]
+    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["finished"]

@@ -153,8 +153,8 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         run_dir: a run folder written by the training workflow.
     """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / METRICS_JSON).read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
     validated = [row for row in metrics["epochs"] if row.get("val_mean_dice") is not None]
     if not validated:
         raise MedunetError(f"{run_dir}/{METRICS_JSON} has no validated epoch; the run cannot be scored. "
@@ -181,7 +181,7 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
 
 def _finished(run_dir: Path) -> bool:
     path = run_dir / METRICS_JSON
-    return path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("finished"))
 
 
 def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
@@ -189,7 +189,7 @@ def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
     copy = run_dir / WORKFLOW_COPY
     if not copy.is_file():
         return
-    before = json.loads(copy.read_text())
+    before = json.loads(copy.read_text(encoding="utf-8"))
     changed = sorted(key for key in overrides
                      if (key in RECIPE or key in _IDENTITY_KEYS) and before.get(key) != overrides[key])
     if changed:

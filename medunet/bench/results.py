@@ -24,7 +24,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     for row in rows:
         fields += [key for key in row if key not in fields]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -64,7 +64,7 @@ def network_def_config(run: TrainedRun) -> dict[str, Any]:
 
 def load_template(name: str) -> dict[str, Any]:
     """A template config (``inference``, ``train`` or ``evaluate``) as a dict."""
-    return json.loads((TEMPLATES_DIR / f"{name}.json").read_text())
+    return json.loads((TEMPLATES_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def _fill(config: dict[str, Any], path: str, value: Any) -> None:

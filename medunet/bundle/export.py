@@ -66,7 +66,7 @@ def measure_efficiency(run: TrainedRun, network: torch.nn.Module, memory: bool =
 
 def _write_json(content: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def _export_torchscript(run: TrainedRun, out_dir: Path) -> Path:
@@ -170,11 +170,11 @@ def export_bundle(
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     torch.save({"model": network.state_dict()}, out_dir / MODEL_FILE)
     (out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "docs" / "README.md").write_text(model_card(run, metadata))
+    (out_dir / "docs" / "README.md").write_text(model_card(run, metadata), encoding="utf-8")
     if license_file is not None:
         shutil.copyfile(license_file, out_dir / "LICENSE")
     else:
-        (out_dir / "LICENSE").write_text(DEFAULT_LICENSE.format(copyright=metadata["copyright"]))
+        (out_dir / "LICENSE").write_text(DEFAULT_LICENSE.format(copyright=metadata["copyright"]), encoding="utf-8")
 
     validate_metadata(out_dir / "configs" / "metadata.json")
     _check_torchscript(network, _export_torchscript(run, out_dir), run)

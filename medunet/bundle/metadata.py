@@ -142,7 +142,7 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     """Read a ``metadata.json``; a missing or broken file raises :class:`MedunetError` naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedunetError(f"{path} does not exist. Fix: point at a bundle's configs/metadata.json.") from None
     except json.JSONDecodeError as error:
@@ -196,7 +196,7 @@ def write_metadata_schema(path: str | Path) -> Path:
     """Write :func:`metadata_schema` to ``path`` (to pass as ``verify_metadata``'s ``filepath``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metadata_schema(), indent=2) + "\n")
+    path.write_text(json.dumps(metadata_schema(), indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -162,7 +162,7 @@ def read_run(run_dir: str | Path) -> TrainedRun:
             "'medunet train' (it holds config.json and models/model.pt)."
         )
     try:
-        config = json.loads(source.read_text())
+        config = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise MedunetError(f"{source} is not valid JSON ({error}). Fix: repair it or re-run training.") from None
     network = _need(config, "network", source, "the trained network: name or class, and args")
@@ -216,7 +216,7 @@ def read_metrics(run: TrainedRun) -> dict[str, Any]:
     """
     summary_file = run.run_dir / SUMMARY_FILE
     if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
         metrics: dict[str, Any] = {"source": SUMMARY_FILE, "cases": len(summary.get("metric_per_case", []))}
         mean_dice = _number((summary.get("foreground_mean") or {}).get("Dice"))
         if mean_dice is not None:
@@ -229,7 +229,7 @@ def read_metrics(run: TrainedRun) -> dict[str, Any]:
         return metrics
     metrics_file = run.run_dir / METRICS_FILE
     if metrics_file.is_file():
-        record = json.loads(metrics_file.read_text())
+        record = json.loads(metrics_file.read_text(encoding="utf-8"))
         best = _number(record.get("best_metric"))
         if best is not None:
             return {"source": f"{METRICS_FILE} (validation during training)", "val_mean_dice": round(best, 4),

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         tables = efficiency_tables(results, args.baseline)
         report = f"# medunet bench\n\n{provenance_line()}\n\nRatios are to `{args.baseline}`, measured in the same run.\n\n{tables}\n"
-        (args.out / "efficiency.md").write_text(report)
-        (args.out / "efficiency.json").write_text(json.dumps([r.as_dict() for r in results], indent=2, default=str))
+        (args.out / "efficiency.md").write_text(report, encoding="utf-8")
+        (args.out / "efficiency.json").write_text(json.dumps([r.as_dict() for r in results], indent=2, default=str), encoding="utf-8")
         for result in results:
             shape = "x".join(map(str, result.profile.input_shape))
             tracker.log_profile(result.profile, prefix=f"{result.profile.name}.{shape}")
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if accuracy is not None:
             rows, plot, accuracy_files = _run_accuracy_half(args, accuracy, results, tracker)
             written += accuracy_files
-            report += "\n" + (args.out / "accuracy.md").read_text()
+            report += "\n" + (args.out / "accuracy.md").read_text(encoding="utf-8")
         if args.results is not None:
             written += _write_results(args, command, results, rows, accuracy, plot)
         for path in written:
@@ -160,7 +160,7 @@ def _run_accuracy_half(
     files = [write_csv(rows, args.out / "accuracy.csv")]
     (args.out / "accuracy.md").write_text(
         f"# medunet bench: accuracy\n\n{provenance_line()}\n\n{_setup_line(accuracy)}\n\n"
-        f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}\n"
+        f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}\n", encoding="utf-8"
     )
     files.append(args.out / "accuracy.md")
     plot = pareto_plot(results, rows, results[0].profile.input_shape, args.out / "pareto.png") if results else None
@@ -199,7 +199,7 @@ def _write_results(
     path.write_text(results_report(
         command, args.baseline, results, rows, recipe=accuracy["recipe"] if accuracy else None,
         setup=_setup_line(accuracy) if accuracy else "", plot=embedded,
-    ))
+    ), encoding="utf-8")
     return written
 
 

@@ -52,7 +52,7 @@ def run_export_bundle(args: argparse.Namespace) -> int:
         copyright=args.copyright, license_file=args.license, intended_use=args.intended_use,
         dataset_dir=args.dataset_dir, memory=not args.no_memory, overwrite=args.force,
     )
-    efficiency = json.loads((out / "configs" / "metadata.json").read_text())["efficiency"]
+    efficiency = json.loads((out / "configs" / "metadata.json").read_text(encoding="utf-8"))["efficiency"]
     print(f"bundle written to {out}: {efficiency['parameters']:,} parameters, "
           f"{efficiency['multiply_adds'] / 1e9:.3f} GMACs and peak inference memory "
           f"{efficiency['peak_inference_memory_mib']} MiB per {'x'.join(map(str, efficiency['input_shape'][2:]))} patch")

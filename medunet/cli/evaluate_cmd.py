@@ -61,7 +61,7 @@ def _read_provenance(path: Path | None) -> dict | None:
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise MedunetError(f"cannot read provenance JSON {path}: {error}") from None
 

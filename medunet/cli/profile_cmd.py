@@ -47,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
     if results[0].memory_method:
         print(f"peak memory: {results[0].memory_method}")
     if args.json:
-        args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+        args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2), encoding="utf-8")
     return 0

@@ -148,7 +148,7 @@ def write_datalist(
     datalist = make_datalist(task, num_folds, seed)
     out = Path(out) if out is not None else default_datalist_path(task)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(datalist, indent=2) + "\n")
+    out.write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -162,7 +162,7 @@ def read_datalist_json(datalist_file: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedunetError(f"datalist {path} does not exist. Fix: run 'medunet make-datalist TASK_DIR'.")
     try:
-        datalist = json.loads(path.read_text())
+        datalist = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedunetError(f"datalist {path} is not valid JSON ({error}). Fix: regenerate it.") from error
     training = datalist.get("training") if isinstance(datalist, dict) else None

@@ -149,7 +149,7 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
             "labelsTr) or create one with 'medunet make-phantom'."
         )
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedunetError(f"{path} is not valid JSON ({error}). Fix: repair the file.") from error
     if not isinstance(raw, dict):

@@ -172,5 +172,5 @@ def make_phantom_task(
         "training": training,
         "test": test,
     }
-    (root / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
+    (root / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n", encoding="utf-8")
     return root

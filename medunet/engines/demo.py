@@ -72,7 +72,7 @@ def run_demo(
     _, held_out = load_fold(task_dir / PHANTOM_DATALIST, 0, task_dir)
     pred_dir = run_dir / PREDICTIONS_DIR
     predictions = predict_run(run_dir, [item["image"] for item in held_out], pred_dir, progress=progress)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = run_dir / MODEL_FILE
     provenance = {
         "network": config["network"]["name"],

@@ -141,7 +141,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Mo
     if not config_file.is_file():
         raise MedunetError(f"{run_dir} has no config.json, so it is not a training run folder. "
                            "Fix: pass the --run-dir used with 'medunet train'.")
-    config = json.loads(config_file.read_text())
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     weights = {"best": run_dir / MODEL_FILE, "last": run_dir / LAST_MODEL_FILE}.get(checkpoint, Path(checkpoint))
     if not weights.is_file():
         raise MedunetError(f"checkpoint {weights} does not exist. Fix: train first, or pass --checkpoint last.")

@@ -322,7 +322,7 @@ class SegmentationTraining:
         config_file = self.run_dir / CONFIG_FILE
         if not config_file.is_file():
             return
-        previous = json.loads(config_file.read_text())
+        previous = json.loads(config_file.read_text(encoding="utf-8"))
         now = {"network": self.network_name, "fold": self.fold}
         before = {"network": previous.get("network", {}).get("name"), "fold": previous.get("fold")}
         if now != before:

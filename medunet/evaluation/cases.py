@@ -143,7 +143,7 @@ def read_image(path: Path, orientation: str | None = None) -> tuple[np.ndarray, 
 def read_labels(dataset_json: Path) -> dict[int, str]:
     """Foreground labels ``{value: name}`` from an MSD or nnU-Net ``dataset.json`` (either direction)."""
     try:
-        labels = json.loads(Path(dataset_json).read_text())["labels"]
+        labels = json.loads(Path(dataset_json).read_text(encoding="utf-8"))["labels"]
     except (OSError, ValueError, KeyError) as error:
         raise MedunetError(f"cannot read 'labels' from {dataset_json}: {error}") from None
     return parse_labels(labels, source=str(dataset_json))

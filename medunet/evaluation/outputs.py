@@ -31,7 +31,7 @@ _NNUNET_NAMES = {"dice": "Dice", "iou": "IoU", "tp": "TP", "fp": "FP", "fn": "FN
 
 def write_case_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """One row per case and label, columns :data:`CSV_COLUMNS`; NaN written as an empty cell."""
-    with open(path, "w", newline="") as stream:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -65,7 +65,7 @@ def summary_json(
 
 def write_summary_json(summary: Mapping[str, Any], path: Path) -> Path:
     """Write ``summary.json`` (indented, NaN as ``NaN`` like nnU-Net)."""
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return path
 
 

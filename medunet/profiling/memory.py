@@ -22,7 +22,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 def _status_kib(field: str) -> int | None:
     try:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(encoding="utf-8"), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) if match else None
@@ -30,7 +30,7 @@ def _status_kib(field: str) -> int | None:
 
 def _reset_high_water_mark() -> bool:
     try:
-        _CLEAR_REFS.write_text("5")
+        _CLEAR_REFS.write_text("5", encoding="utf-8")
     except OSError:
         return False
     return True

@@ -248,7 +248,7 @@ class Tracker:
             return
         path = Path(config)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             loaded = json.loads(text) if path.suffix == ".json" else _load_yaml(text)
         except (OSError, ValueError) as error:
             self._warn_once(f"config:{path}", f"config {path} could not be read ({error}); not logged")
@@ -304,7 +304,7 @@ class Tracker:
         if isinstance(source, (str, Path)):
             summary_file = Path(source) / "summary.json" if Path(source).is_dir() else Path(source)
             try:
-                medunet_block = json.loads(summary_file.read_text())["medunet"]
+                medunet_block = json.loads(summary_file.read_text(encoding="utf-8"))["medunet"]
                 statistics, labels = medunet_block["statistics"], medunet_block["labels"]
             except (OSError, ValueError, KeyError) as error:
                 self._warn_once(f"evaluation:{summary_file}", f"{summary_file} is not a medunet summary.json "
@@ -454,7 +454,7 @@ class Tracker:
                 record["artifacts" if op.kind == "artifact" else "dicts"].append(list(op.payload))
         try:
             self.journal_file.parent.mkdir(parents=True, exist_ok=True)
-            self.journal_file.write_text(json.dumps(record, indent=1, default=str))
+            self.journal_file.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
         except OSError as error:
             self._warn_once("journal", f"the tracking journal could not be written to {self.journal_file}: {error}")
 
