@@ -141,3 +141,17 @@ def test_unet_minus_runs_on_every_backbone(backbone: str, iem: str) -> None:
 def test_nafnet_adds_its_skips() -> None:
     net = NAFNet(2, 1, 2, width=4, encoder_blocks=(1, 1), middle_blocks=1, decoder_blocks=(1, 1))
     assert all(stage.merge == "add" for stage in net.decoder)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # ../shared/ARCHITECTURES.md, counted with MONAI 1.6.1 (in 1, out 2)
+        ("monai_unet_spleen", 4_808_917),
+        ("monai_basicunet", 5_749_410),
+        ("monai_segresnet", 1_176_186),
+        ("monai_dynunet_nnunet", 31_181_730),
+    ],
+)
+def test_baselines_are_the_configurations_people_use(name: str, expected: int) -> None:
+    assert n_params(create_network(name, spatial_dims=3, in_channels=1, out_channels=2)) == expected
