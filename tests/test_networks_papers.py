@@ -155,3 +155,24 @@ def test_nafnet_adds_its_skips() -> None:
 )
 def test_baselines_are_the_configurations_people_use(name: str, expected: int) -> None:
     assert n_params(create_network(name, spatial_dims=3, in_channels=1, out_channels=2)) == expected
+
+
+@pytest.mark.parametrize("net", [
+    LUNet(3, 1, 3, features=4, stem="unshuffle"),
+    UNetMinus(3, 1, 3, backbone="lunet", features=4, stem="unshuffle"),
+])
+def test_unshuffle_stem_keeps_kxk_convolutions_off_the_full_resolution_volume(net: nn.Module) -> None:
+    size = (32, 40, 24)
+    full_res_kxk: list[str] = []
+
+    def check(module: nn.Module, args: tuple) -> None:
+        if module.kernel_size != (1, 1, 1) and tuple(args[0].shape[2:]) == size:
+            full_res_kxk.append(str(module))
+
+    hooks = [m.register_forward_pre_hook(check) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 1, *size))
+    for hook in hooks:
+        hook.remove()
+    assert out.shape == (1, 3, *size)
+    assert not full_res_kxk

@@ -12,10 +12,19 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import ActType, DropoutType, NormType, conv_norm_act
+from medunet.networks.layers import (
+    ActType,
+    DropoutType,
+    NormType,
+    PixelShuffle,
+    PixelUnshuffle,
+    conv_norm_act,
+)
 from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
 from medunet.networks.skips import OrdinarySkips
+
+STEMS = ("full", "unshuffle")
 
 
 def conv_block(
@@ -49,12 +58,20 @@ def conv_unet_parts(
     bias: bool = True,
     order: str = "AND",
     merge: str = "concat",
+    stem: str = "full",
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``len(widths)`` resolution levels.
 
     Encoder: a conv block at full resolution, then max-pool + conv block per level. Decoder:
     transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: 1x1 conv.
+
+    ``stem="unshuffle"`` starts with a pixel-unshuffle (space-to-depth, no information lost) so level 0
+    runs at half resolution, and ends with a 1x1 conv + pixel-shuffle back to full resolution, the way
+    MONAI's UNet starts with a strided conv: no kxk convolution touches the full-resolution volume,
+    which is where a 3D network's activations and (on the CPU) its convolution workspace peak.
     """
+    if stem not in STEMS:
+        raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
     widths = list(widths)
     if len(widths) < 2:
         raise MedunetError(f"a U-Net needs at least 2 levels, got widths {widths}")
@@ -63,7 +80,9 @@ def conv_unet_parts(
         return conv_block(spatial_dims, cin, cout, convs_per_block, act, norm, dropout, bias, order)
 
     pool = Pool[Pool.MAX, spatial_dims]
-    encoder: list[nn.Module] = [block(in_channels, widths[0])]
+    scale = 2**spatial_dims if stem == "unshuffle" else 1
+    first = block(in_channels * scale, widths[0])
+    encoder: list[nn.Module] = [nn.Sequential(PixelUnshuffle(spatial_dims, 2), first) if scale > 1 else first]
     encoder += [nn.Sequential(pool(2), block(widths[i - 1], widths[i])) for i in range(1, len(widths))]
     upconv = Conv[Conv.CONVTRANS, spatial_dims]
     decoder = []
@@ -71,8 +90,11 @@ def conv_unet_parts(
         width = widths[level]
         block_in = 2 * width if merge == "concat" else width
         decoder.append(DecoderStage(upconv(widths[level + 1], width, 2, stride=2), block(block_in, width), merge))
-    head = Conv[Conv.CONV, spatial_dims](widths[0], out_channels, kernel_size=1)
-    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(len(widths) - 1)))
+    head: nn.Module = Conv[Conv.CONV, spatial_dims](widths[0], out_channels * scale, kernel_size=1)
+    if scale > 1:
+        head = nn.Sequential(head, PixelShuffle(spatial_dims, 2))
+    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(len(widths) - 1)),
+                     input_stride=2 if scale > 1 else 1)
 
 
 def lunet_widths(features: int, levels: int, flat: bool) -> list[int]:
@@ -100,7 +122,10 @@ class LUNet(UNetSkeleton):
         act, norm, dropout: MONAI factory names or ``(name, kwargs)``; defaults ReLU, batch norm, none.
         bias: convolution bias.
         order: activation/norm/dropout order after each conv (MONAI letters); STAMP's is ``"AND"``.
-        pad_input: pad inputs to a multiple of ``2**(levels-1)`` and crop the output back.
+        stem: ``"full"`` (level 0 at full resolution, as in the paper) or ``"unshuffle"`` (pixel-unshuffle
+            in, pixel-shuffle out: level 0 at half resolution, far less activation memory in 3D).
+        pad_input: pad inputs to a multiple of ``2**(levels-1)`` (``2**levels`` with the unshuffle stem)
+            and crop the output back.
 
     Example::
 
@@ -122,11 +147,13 @@ class LUNet(UNetSkeleton):
         dropout: DropoutType = None,
         bias: bool = True,
         order: str = "AND",
+        stem: str = "full",
         pad_input: bool = True,
     ) -> None:
         widths = lunet_widths(features, levels, flat)
         parts = conv_unet_parts(
-            spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order
+            spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order,
+            stem=stem,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
 

@@ -60,6 +60,8 @@ class UNetParts:
     skip_levels: list[int]
     skip_channels: dict[int, int] = field(default_factory=dict)
     aux_heads: list[nn.Module] = field(default_factory=list)
+    #: How much the first encoder stage shrinks the input before level 0 (2 for a pixel-unshuffle stem).
+    input_stride: int = 1
 
     def __post_init__(self) -> None:
         if not self.skip_channels:
@@ -88,7 +90,7 @@ class UNetSkeleton(nn.Module):
         self.head = parts.head
         # Built only to reproduce published parameter counts; never used in forward.
         self.aux_heads = nn.ModuleList(parts.aux_heads)
-        self.size_divisor = 2 ** (len(parts.encoder) - 1)
+        self.size_divisor = parts.input_stride * 2 ** (len(parts.encoder) - 1)
         self.pad_input = pad_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
