@@ -38,6 +38,9 @@ BENCH_NETWORKS = (
     "unetmm_nafnet_w8_light_coarsest",
     "unetmm_unet_small_8f_coarsest",
     "unetmm_lunet_small_8f_coarsest",
+    "lunet_small_16f_unshuffle",
+    "unetmm_lunet_small_16f_unshuffle_intermediate",
+    "unetmm_unet_small_8f_unshuffle_coarsest",
 )
 #: ``--quick``: one network per idea and the reference baseline, at small shapes.
 QUICK_NETWORKS = ("monai_unet_spleen", "lunet_small_8f", "onenet_ed4_8f", "unetmm_lunet_small_8f_coarsest")

@@ -173,3 +173,12 @@ for _size, _levels, _convs, _widths in (("small", 5, 2, (1, 2, 3, 4, 8, 16)), ("
             f"Doubling twin of lunet_{_size}_{_features}f: widths {_features}..{_features * 2 ** (_levels - 1)}",
             features=_features, levels=_levels, convs_per_block=_convs, flat=False,
         )
+# Pixel-unshuffle stem: level 0 at half resolution, no kxk conv on the full-resolution volume (3D memory).
+for _features in (8, 16):
+    for _flat, _name in ((True, "lunet"), (False, "unet")):
+        register_preset(
+            f"{_name}_small_{_features}f_unshuffle", LUNet, "lunet",
+            f"{_name}_small_{_features}f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
+            twin=f"unet_small_{_features}f_unshuffle" if _flat else None,
+            features=_features, levels=5, convs_per_block=2, flat=_flat, stem="unshuffle",
+        )

@@ -115,3 +115,11 @@ for _target in ("coarsest", "intermediate", "finest"):
                 twin=f"{_name}_small_{_features}f", backbone=_name, target=_target,
                 features=_features, levels=5, convs_per_block=2,
             )
+            if _target != "finest":
+                register_preset(
+                    f"unetmm_{_name}_small_{_features}f_unshuffle_{_target}", UNetMinus, "unet--",
+                    f"UNet-- on {_name}_small_{_features}f_unshuffle (level 0 at half resolution), E' at the "
+                    f"{_target} skip level",
+                    twin=f"{_name}_small_{_features}f_unshuffle", backbone=_name, target=_target,
+                    features=_features, levels=5, convs_per_block=2, stem="unshuffle",
+                )
