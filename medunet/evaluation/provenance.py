@@ -12,7 +12,7 @@ import importlib.metadata
 import platform
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,11 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of Python and of the packages the numbers depend on (``not installed`` when absent)."""
+def software_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Versions of Python and of the packages the numbers depend on, plus ``extra`` packages
+    (``not installed`` when absent)."""
     versions = {"python": platform.python_version()}
-    for package in _PACKAGES:
+    for package in (*_PACKAGES, *extra):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import importlib.metadata
 import platform
 import shlex
 import subprocess
@@ -39,13 +38,7 @@ def git_commit(folders: tuple[Path, ...] | None = None) -> tuple[str, bool] | No
 def package_versions() -> dict[str, str]:
     """Python and package versions: those of :func:`~medunet.evaluation.provenance.software_versions`,
     plus ignite and mlflow."""
-    versions = software_versions()
-    for package in _TRACKING_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    return software_versions(extra=_TRACKING_PACKAGES)
 
 
 def device_name(device: str | None = None) -> str:
