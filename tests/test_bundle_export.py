@@ -7,9 +7,6 @@ the bundle is then driven with ``python -m monai.bundle`` subprocesses exactly a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -24,19 +21,12 @@ from medunet.engines import SegmentationTraining
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.networks import create_network
+from tests.bundle_helpers import monai_bundle
 
 pytestmark = pytest.mark.slow  # a short real training run and monai.bundle subprocesses
 
 NETWORK = "lunet_small_2f"
 
-
-def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS``; fails the test with the output tail on a non-zero exit."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, f"monai.bundle {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return done
 
 
 @pytest.fixture(scope="module")

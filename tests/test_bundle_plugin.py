@@ -8,9 +8,6 @@ The bundle is ``tests/bundles/phantom_seg`` (model-zoo layout, MONAI components 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 
 from medunet.data import make_phantom_task
 from medunet.networks import LUNet, create_network
+from tests.bundle_helpers import monai_bundle
 
 pytestmark = pytest.mark.slow  # real monai.bundle subprocesses and a short training run
 
@@ -30,20 +28,6 @@ NETWORK = {"_target_": "medunet.networks.create_network", "name": "lunet_small_2
 # The same network written inline with its class: lunet_small_2f is LUNet with features=2.
 INLINE_NETWORK = "{'_target_': 'medunet.networks.LUNet', 'spatial_dims': 3, 'in_channels': 1, 'out_channels': 3, 'features': 2}"
 
-
-def monai_bundle(*args: str, cwd: Path, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS`` in ``cwd``; fails the test with the output tail on a non-zero exit.
-
-    ``tracking_uri`` also goes into ``MLFLOW_TRACKING_URI``: MLflow lets that variable (set for the whole test
-    session in conftest.py) win over the handler's ``tracking_uri`` for part of the logging.
-    """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
-    if tracking_uri is not None:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, f"monai.bundle {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return done
 
 
 @pytest.fixture(scope="module")
