@@ -189,7 +189,7 @@ def profile(
         net.zero_grad(set_to_none=True)
         net.eval()
     if memory:
-        source: nn.Module | str = network if isinstance(network, str) else net.cpu()
+        source: nn.Module | str = network if isinstance(network, str) else net
         result.peak_infer_bytes, result.memory_method = measure_peak(source, shape, str(device), False, **overrides)
         if train:
             result.peak_train_bytes, _ = measure_peak(source, shape, str(device), True, **overrides)
