@@ -18,6 +18,6 @@ def monai_bundle(*args: str, cwd: Path, tracking_uri: str | None = None) -> subp
     if tracking_uri is not None:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, f"monai.bundle {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done

@@ -105,7 +105,7 @@ def test_spleen_html_renders_in_headless_chromium(spleen_report):
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'chromium'}",
                "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60).stdout
     assert 'data-images="3"' in dom and 'data-broken="0"' in dom, dom[-2000:]
     assert "Segmentation evaluation report" in dom
     screenshot = tmp / "report.png"

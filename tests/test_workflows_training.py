@@ -127,7 +127,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Pa
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model_last.pt", weights_only=True)["model"])
     assert len(json.loads(metrics_file.read_text(encoding="utf-8"))["epochs"]) == killed_at
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {run_dir} after epoch {killed_at}/3" in rerun.stdout
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -144,7 +144,7 @@ def test_torchrun_two_cpu_processes_on_gloo_give_a_loadable_checkpoint(tiny_task
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "medunet", *cli_args(settings)]
     result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
@@ -186,7 +186,7 @@ def test_monai_bundle_run_trains_the_demo_config(tmp_path: Path) -> None:
                "--max_epochs", "1", "--epoch_length", "2", "--phantom_cases", "5", "--patch_size", "[16,16,16]",
                "--progress", "False"]
     result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (task_dir / "dataset.json").is_file() and (task_dir / "folds.json").is_file()
     checkpoint = torch.load(run_dir / "models" / "model.pt", weights_only=True)

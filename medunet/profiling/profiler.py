@@ -101,7 +101,7 @@ def measure_peak(
         job = Path(folder) / "job.pt"
         torch.save({"network": network, "overrides": overrides, "shape": shape, "device": device, "train": train}, job)
         done = subprocess.run(
-            [sys.executable, "-m", "medunet.profiling.profiler", str(job)], capture_output=True, text=True
+            [sys.executable, "-m", "medunet.profiling.profiler", str(job)], capture_output=True, text=True, encoding="utf-8", errors="replace"
         )
         if done.returncode != 0:
             raise RuntimeError(f"peak-memory measurement failed in its child process:\n{done.stderr[-3000:]}")

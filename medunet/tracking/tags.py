@@ -24,11 +24,11 @@ def git_commit(folders: tuple[Path, ...] | None = None) -> tuple[str, bool] | No
     for folder in folders or (REPO_ROOT, Path.cwd()):
         try:
             commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=5)
+                                    text=True, encoding="utf-8", errors="replace", timeout=5)
             if commit.returncode != 0:
                 continue
             status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)
+                                    capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None  # no git executable, or a hung file system: the commit stays unknown
         return commit.stdout.strip(), bool(status.stdout.strip())
