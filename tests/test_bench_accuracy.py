@@ -92,10 +92,12 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
                  "--volume", "none", "--no-train", "--repeats", "1", "--out", str(out), "--accuracy",
                  "--task-dir", str(phantom), "--workflow", str(WORKFLOW), "--epochs", "1", "--epoch-length", "2",
                  "--set", "patch_size=[16,16,16]", "--set", "profile_memory=false", "--results", str(results),
-                 "--tracking-uri", uri])
+                 "--tracking-uri", uri, "--jobs", "2"])
     assert code == 0
     rows = list(csv.DictReader((out / "accuracy.csv").open(encoding="utf-8")))
     assert [row["network"] for row in rows] == ["unet_small_2f", "lunet_small_2f"]  # the baseline is trained too
+    for name in ("unet_small_2f", "lunet_small_2f"):  # trained side by side, each in its own process and log
+        assert "Epoch" in (out / "runs" / name / "train.log").read_text(encoding="utf-8")
     assert all(0.0 <= float(row["dice_organ"]) <= 1.0 and 0.0 <= float(row["dice_lesion"]) <= 1.0 for row in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (results.parent / "pareto.png").is_file()
@@ -110,7 +112,7 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
     assert '"epoch_length": 2' in text  # the recipe as run
     command = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
     again = build_parser().parse_args(shlex.split(command)[1:])  # the recorded command repeats this run
-    assert again.accuracy and again.epochs == 1 and again.epoch_length == 2 and again.out == out
+    assert again.accuracy and again.epochs == 1 and again.epoch_length == 2 and again.out == out and again.jobs == 2
     assert again.set == ["patch_size=[16,16,16]", "profile_memory=false"] and again.task_dir == phantom
 
     from mlflow.tracking import MlflowClient

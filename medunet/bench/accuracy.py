@@ -25,10 +25,17 @@ Commands (from the repository root, with ``../shared/data/Task04_Hippocampus`` i
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from medunet.engines.checkpoint import METRICS_JSON
 from medunet.engines.config import WORKFLOW_COPY, build_overrides, load_workflow, run_workflow
@@ -59,6 +66,8 @@ RECIPE: dict[str, Any] = {
 QUICK_RECIPE: dict[str, Any] = {**RECIPE, "max_epochs": 2, "epoch_length": 4, "val_interval": 2, "cache": "none"}
 
 RUNS_DIR = "runs"
+#: Where a training started with ``jobs > 1`` writes its output, inside its run folder.
+TRAIN_LOG = "train.log"
 # Keys whose value must match for a finished run to count as this benchmark's run.
 _IDENTITY_KEYS = ("network_name", "fold", "dataset_dir", "datalist")
 
@@ -93,6 +102,7 @@ def run_accuracy(
     tracking_uri: str | None = None,
     experiment: str = "medunet",
     progress: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train each network with one recipe on ``fold`` of ``task_dir`` and score it on the fold's validation cases.
 
@@ -106,7 +116,9 @@ def run_accuracy(
         tracking: track each training as its own MLflow run.
         tracking_uri: the MLflow store or server (default as ``medunet train``).
         experiment: the MLflow experiment.
-        progress: show progress bars.
+        progress: show progress bars (sequential runs only).
+        jobs: trainings run at once, each in its own process (several small networks share one GPU well);
+            each parallel training writes its output to ``RUN_DIR/train.log``.
 
     Returns:
         One row per network: ``network``, ``params``, ``mean_dice`` and ``dice_<label>`` (validation fold,
@@ -125,24 +137,32 @@ def run_accuracy(
                            "the task, e.g. ../shared/data/Task04_Hippocampus.")
     recipe = dict(RECIPE if recipe is None else recipe)
     datalist = _datalist_override(workflow)
-    rows = []
+    pending: dict[str, tuple[Path, dict[str, Any]]] = {}
     for network in networks:
         run_dir = out_dir / RUNS_DIR / network
         overrides = build_overrides(network=network, fold=fold, data_root=task_dir, datalist=datalist,
                                     run_dir=run_dir, settings={**recipe, "tracking": tracking,
                                                                "tracking_uri": tracking_uri,
-                                                               "experiment": experiment, "progress": progress})
+                                                               "experiment": experiment,
+                                                               "progress": progress and jobs == 1})
         _check_same_recipe(run_dir, overrides)
-        reused = _finished(run_dir)
-        if not reused:
+        if not _finished(run_dir):
+            pending[network] = (run_dir, overrides)
+    if jobs == 1:
+        for network, (run_dir, overrides) in pending.items():
             print(f"bench accuracy: training {network} into {run_dir}", flush=True)
-            start = time.perf_counter()
-            run_workflow(workflow, overrides)
-            print(f"bench accuracy: {network} trained in {time.perf_counter() - start:.0f} s", flush=True)
-            if not _finished(run_dir):
-                raise MedunetError(f"training {network} in {run_dir} did not finish (see its metrics.json). "
-                                   "Fix: rerun the bench; it resumes from the checkpoint.")
-        rows.append({**accuracy_row(run_dir), "reused": reused})
+            seconds = _train(workflow, overrides)
+            print(f"bench accuracy: {network} trained in {seconds:.0f} s", flush=True)
+    else:
+        _train_in_parallel(workflow, pending, jobs)
+    rows = []
+    for network in networks:
+        run_dir = out_dir / RUNS_DIR / network
+        if not _finished(run_dir):
+            raise MedunetError(f"training {network} in {run_dir} did not finish (see its metrics.json"
+                               f"{' and ' + TRAIN_LOG if jobs > 1 else ''}). Fix: rerun the bench; it resumes "
+                               "from the checkpoint.")
+        rows.append({**accuracy_row(run_dir), "reused": network not in pending})
     return rows
 
 
@@ -177,6 +197,47 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         run_dir=str(run_dir),
     )
     return row
+
+
+def _train(workflow: Path, overrides: Mapping[str, Any]) -> float:
+    """Run one training workflow; its wall time in seconds."""
+    start = time.perf_counter()
+    run_workflow(workflow, overrides)
+    return time.perf_counter() - start
+
+
+def _train_logged(workflow: Path, overrides: Mapping[str, Any], log: Path, threads: int) -> float:
+    """:func:`_train` in a worker process, its output sent to ``log`` and its CPU threads capped."""
+    torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream):
+        return _train(workflow, overrides)
+
+
+def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[str, Any]]], jobs: int) -> None:
+    """Train the ``pending`` runs ``jobs`` at a time, each in a fresh (spawned) process; a failed training
+    is reported with its log and the others go on."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked CUDA or thread-pool state
+    failed = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_train_logged, workflow, overrides, run_dir / TRAIN_LOG, threads): name
+                   for name, (run_dir, overrides) in pending.items()}
+        for name in pending:
+            print(f"bench accuracy: training {name} (log: {pending[name][0] / TRAIN_LOG})", flush=True)
+        with tqdm(total=len(futures), desc=f"training, {jobs} at a time", unit="net") as bar:
+            for future in as_completed(futures):
+                name = futures[future]
+                try:
+                    bar.write(f"bench accuracy: {name} trained in {future.result():.0f} s")
+                except Exception as error:  # reported below; the other trainings go on
+                    failed.append(name)
+                    bar.write(f"bench accuracy: {name} failed: {error}")
+                bar.update()
+    if failed:
+        logs = ", ".join(str(pending[name][0] / TRAIN_LOG) for name in failed)
+        raise MedunetError(f"training failed for {', '.join(failed)}; see {logs}. Fix the cause and rerun "
+                           "the bench: finished runs are reused and unfinished ones resume.")
 
 
 def _finished(run_dir: Path) -> bool:

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--epochs", type=int, help="epochs (default 50; --quick 2)")
     accuracy.add_argument("--epoch-length", type=int, help="iterations per epoch (default 200; --quick 4)")
     accuracy.add_argument("--accuracy-networks", nargs="+", help="networks to train (default: those profiled)")
+    accuracy.add_argument("--jobs", type=int, default=1,
+                          help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="change a recipe key for every network, VALUE as JSON (e.g. --set patch_size=[32,32,32])")
     from medunet.tracking import add_tracking_arguments
@@ -155,7 +157,7 @@ def _run_accuracy_half(
     rows = run_accuracy(
         accuracy["networks"], accuracy["task_dir"], accuracy["workflow"], accuracy["fold"], args.out,
         recipe=accuracy["recipe"], tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
+        experiment=args.experiment, jobs=args.jobs,
     )
     files = [write_csv(rows, args.out / "accuracy.csv")]
     (args.out / "accuracy.md").write_text(
@@ -214,7 +216,8 @@ def _command_line(args: argparse.Namespace) -> str:
               ("--repeats", None if args.repeats == 3 else args.repeats), ("--out", args.out),
               ("--task-dir", args.task_dir), ("--workflow", args.workflow),
               ("--fold", args.fold or None), ("--epochs", args.epochs), ("--epoch-length", args.epoch_length),
-              ("--accuracy-networks", args.accuracy_networks), ("--results", args.results),
+              ("--accuracy-networks", args.accuracy_networks),
+              ("--jobs", None if args.jobs == 1 else args.jobs), ("--results", args.results),
               ("--tracking-uri", args.tracking_uri),
               ("--experiment", None if args.experiment == "medunet" else args.experiment)]
     words += [flag for flag, on in flags if on]

@@ -15,20 +15,30 @@ import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 from monai.config import KeysCollection, PathLike
 from monai.data import ImageReader
 from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Formats the default chain sends to SimpleITK; NIfTI stays with nibabel unless asked for explicitly.
 SIMPLEITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SIMPLEITK_SUFFIXES
+
+
+def simpleitk():
+    """The SimpleITK module, imported on first use: NIfTI-only work (the usual case) never loads ITK."""
+    import SimpleITK
+
+    return SimpleITK
 
 
 def has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
@@ -47,20 +57,20 @@ def strip_image_suffix(name: str) -> str:
 
 def _dicom_series_files(folder: Path) -> list[str]:
     """The file names of the first DICOM series in ``folder``, sorted by slice position."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series_ids = simpleitk().ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise FileNotFoundError(f"no DICOM series in folder {folder}")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    return list(simpleitk().ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
 
 
 def read_sitk_image(path: PathLike) -> sitk.Image:
     """Read any SimpleITK-supported file, or a folder holding one DICOM series, as a ``sitk.Image``."""
     path = Path(path)
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
+        reader = simpleitk().ImageSeriesReader()
         reader.SetFileNames(_dicom_series_files(path))
         return reader.Execute()
-    return sitk.ReadImage(str(path))
+    return simpleitk().ReadImage(str(path))
 
 
 def _sitk_affine_ras(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
@@ -81,7 +91,7 @@ def _sitk_affine_ras(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
 
 def _sitk_array(image: sitk.Image) -> np.ndarray:
     """Voxels in x, y, z(, channel) order, like nibabel: SimpleITK returns z, y, x(, channel)."""
-    array = sitk.GetArrayFromImage(image)
+    array = simpleitk().GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:  # vector image: channel is last already
         return np.moveaxis(array, -1, 0).T
     # A 4D scalar image (e.g. a 4D NIfTI through SimpleITK) comes back t, z, y, x: .T gives x, y, z, t.
@@ -135,7 +145,7 @@ class SimpleITKReader(ImageReader):
         """
         arrays, metas = [], []
         # Not ensure_tuple: a sitk.Image is itself iterable (over its pixels).
-        for image in [img] if isinstance(img, sitk.Image) else img:
+        for image in [img] if isinstance(img, simpleitk().Image) else img:
             array = _sitk_array(image)
             spatial_shape = np.asarray(image.GetSize()[:3])
             affine = _sitk_affine_ras(image)
@@ -199,7 +209,7 @@ def read_header(path: PathLike) -> ImageHeader:
         source = read_sitk_image(path)
         channels = source.GetNumberOfComponentsPerPixel()
     else:
-        source = sitk.ImageFileReader()
+        source = simpleitk().ImageFileReader()
         source.SetFileName(str(path))
         source.ReadImageInformation()
         channels = source.GetNumberOfComponents()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import DataLoader, Dataset, decollate_batch
 from monai.inferers import SlidingWindowInferer
@@ -26,7 +25,7 @@ from monai.transforms import AsDiscreted, Compose, Invertd, SaveImaged
 from tqdm.auto import tqdm
 
 from medunet.data import TaskPreset, infer_transforms
-from medunet.data.readers import IMAGE_SUFFIXES, has_suffix
+from medunet.data.readers import IMAGE_SUFFIXES, has_suffix, simpleitk
 from medunet.engines.checkpoint import LAST_MODEL_FILE, MODEL_FILE, load_model_weights
 from medunet.errors import MedunetError
 
@@ -34,7 +33,7 @@ PREDICTIONS_DIR = "predictions"
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(simpleitk().ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def collect_inputs(paths: Sequence[str | Path] | str | Path) -> list[dict[str, str]]:
