@@ -123,7 +123,8 @@ def run_accuracy(
     Returns:
         One row per network: ``network``, ``params``, ``mean_dice`` and ``dice_<label>`` (validation fold,
         last validated epoch: ``scored_epoch``), ``best_mean_dice``, ``best_epoch``, ``epochs``, ``train_seconds`` (the sum of the
-        epochs' times, validation included, over every session that trained the run), ``reused`` (True when
+        epochs' times, validation included, over every session that trained the run), ``trained_on`` (device,
+        mixed precision, torch version), ``reused`` (True when
         a finished run was read back), ``run_dir``.
 
     Example:
@@ -194,6 +195,7 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         best_epoch=metrics.get("best_epoch"),
         epochs=len(metrics["epochs"]),
         train_seconds=round(sum(r.get("epoch_seconds") or 0.0 for r in metrics["epochs"]), 1),
+        trained_on=_trained_on(config),
         run_dir=str(run_dir),
     )
     return row
@@ -238,6 +240,15 @@ def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[st
         logs = ", ".join(str(pending[name][0] / TRAIN_LOG) for name in failed)
         raise MedunetError(f"training failed for {', '.join(failed)}; see {logs}. Fix the cause and rerun "
                            "the bench: finished runs are reused and unfinished ones resume.")
+
+
+def _trained_on(config: Mapping[str, Any]) -> str:
+    """Where a run trained, e.g. ``NVIDIA H100 80GB HBM3, amp, torch 2.11.0``: training time depends on it."""
+    parts = [config.get("device_name") or config.get("device") or "unknown device"]
+    if config.get("amp"):
+        parts.append("amp")
+    parts.append(f"torch {config.get('versions', {}).get('torch', '?')}")
+    return ", ".join(parts)
 
 
 def _finished(run_dir: Path) -> bool:

@@ -65,6 +65,7 @@ def accuracy_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
         if reference and row is not reference:
             cells["mean_dice"] += f" ({row['mean_dice'] - reference['mean_dice']:+.4f})"
         cells["train min"] = f"{row.get('train_seconds', 0) / 60:.1f}"
+        cells["trained on"] = row.get("trained_on") or "-"
         table.append(cells)
     return markdown_table(table)
 

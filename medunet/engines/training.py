@@ -369,6 +369,8 @@ class SegmentationTraining:
             "seed": self.seed,
             "world_size": self.context.world_size,
             "device": str(self.context.device),
+            "device_name": (torch.cuda.get_device_name(self.context.device) if self.context.device.type == "cuda"
+                            else f"CPU ({torch.get_num_threads()} threads)"),
             "resumed_from_epoch": self.resumed_from_epoch,
             "command": sys.argv,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
