@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU half of the benchmark, as run on a lent GPU machine that has PyTorch but no MONAI and no network.
+#
+#   bash benchmarks/gpu_session.sh smoke      # installs, GPU efficiency table, 1-epoch timing of every network
+#   bash benchmarks/gpu_session.sh accuracy   # the accuracy half (medunet.bench.accuracy.RECIPE), 8 at a time
+#
+# Wheels for what the machine lacks (monai, pytorch-ignite, nibabel) and the Hippocampus task are expected in
+# .devcarry/ (git-ignored). The repository and the data are copied to /work/main and /work/shared/data, the
+# paths they have on the development machine, so the finished run folders are reused there as they are:
+# `medunet bench --accuracy ...` on the CPU then measures the efficiency half and reads the trainings back.
+# Tracking is off here (no MLflow on that machine); the bench run that reads the results back logs them.
+set -euo pipefail
+mode=${1:?usage: gpu_session.sh smoke|accuracy}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+
+python3 -c "import monai" 2>/dev/null || {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry/whl/*.whl
+    export PYTHONPATH=/tmp/site
+}
+if [ "$PWD" != /work/main ]; then
+    mkdir -p /work/main /work/shared/data
+    cp -r . /work/main/ && cp -r .devcarry/data/Task04_Hippocampus /work/shared/data/
+    cd /work/main
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/work/main PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, torch.cuda.get_device_name(0))"
+
+# The networks of each seed idea that the benchmark tunes, and the MONAI baselines beside them.
+ACCURACY_NETWORKS="monai_unet_spleen monai_segresnet lunet_small_16f lunet_small_16f_unshuffle
+ unet_small_8f_unshuffle unetmm_unet_small_8f_unshuffle_coarsest unetmm_lunet_small_16f_unshuffle_intermediate
+ onenet_ed4_8f"
+BASELINES="monai_unet_spleen monai_checkpoint_unet_spleen monai_basicunet monai_segresnet monai_dynunet_nnunet"
+
+case $mode in
+smoke)
+    # shellcheck disable=SC2086
+    python3 -m medunet bench --device cuda --no-tracking --networks $BASELINES $ACCURACY_NETWORKS \
+        --shapes 1x1x128x128x128 --out benchmarks/gpu 2>&1 | tee "$out/efficiency.log"
+    cp benchmarks/gpu/efficiency.md benchmarks/gpu/efficiency.csv "$out/"
+    # shellcheck disable=SC2086
+    python3 -m medunet bench --device cuda --no-tracking --networks monai_unet_spleen --shapes 1x1x32x32x32 \
+        --volume none --no-train --repeats 1 --out benchmarks/gpu_smoke --accuracy --accuracy-networks $ACCURACY_NETWORKS \
+        --epochs 1 --epoch-length 50 --jobs 8 2>&1 | tee "$out/smoke.log"
+    tar czf "$out/smoke_runs.tgz" --exclude='*.pt' benchmarks/gpu_smoke
+    ;;
+accuracy)
+    # shellcheck disable=SC2086
+    python3 -m medunet bench --device cuda --no-tracking --networks monai_unet_spleen --shapes 1x1x32x32x32 \
+        --volume none --no-train --repeats 1 --out benchmarks/latest --accuracy --accuracy-networks $ACCURACY_NETWORKS \
+        --jobs 8 "${@:2}" 2>&1 | tee "$out/accuracy.log" || true
+    tar czf "$out/accuracy_runs.tgz" --exclude='*.pt' --exclude='*.db' benchmarks/latest/runs
+    ;;
+esac
