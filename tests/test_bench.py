@@ -79,3 +79,12 @@ def test_bench_quick_writes_csv_markdown_and_tracks(tmp_path: Path, capsys: pyte
     (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'bench'")
     assert run.data.metrics["lunet_small_2f.1x1x32x32x32_model_params"] == float(rows[1]["params"])
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["bench"]
+
+
+def test_sliding_window_throughput_feeds_the_network_its_input_channels() -> None:
+    from medunet.bench.efficiency import sliding_window_throughput
+    from medunet.profiling.profiler import build
+
+    # The unshuffle stem's first convolution takes 8 channels; the network itself takes 1.
+    net = build("lunet_small_8f_unshuffle", (1, 1, 32, 32, 32), out_channels=2)
+    assert sliding_window_throughput(net, (40, 36, 32), roi_size=(32, 32, 32)) > 0

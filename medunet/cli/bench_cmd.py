@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from medunet.networks import get_preset, list_networks
     from medunet.tracking import tracker_from_args
 
-    networks = list(args.networks or (QUICK_NETWORKS if args.quick else BENCH_NETWORKS))
+    networks = list(dict.fromkeys(args.networks or (QUICK_NETWORKS if args.quick else BENCH_NETWORKS)))
     if networks == ["all"]:
         networks = list_networks()
     if args.baseline not in networks:
@@ -136,7 +136,7 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
     workflow = args.workflow or workflow_for_task(task_dir)
     if not Path(workflow).is_file():
         raise MedunetError(f"workflow {workflow} does not exist. Fix: pass --workflow workflows/<task>.json.")
-    trained = list(args.accuracy_networks or networks)
+    trained = list(dict.fromkeys(args.accuracy_networks or networks))
     if args.baseline not in trained:
         trained.insert(0, args.baseline)
     for name in trained:
