@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh smoke      # installs, GPU efficiency table, 1-epoch timing of every network
 #   bash benchmarks/gpu_session.sh accuracy   # the accuracy half (medunet.bench.accuracy.RECIPE), 8 at a time
+#   bash benchmarks/gpu_session.sh efficiency NET...   # the GPU efficiency table of some networks
 #
 # Wheels for what the machine lacks (monai, pytorch-ignite, nibabel) and the Hippocampus task are expected in
 # .devcarry/ (git-ignored). The repository and the data are copied to /work/main and /work/shared/data, the
@@ -10,7 +11,7 @@
 # `medunet bench --accuracy ...` on the CPU then measures the efficiency half and reads the trainings back.
 # Tracking is off here (no MLflow on that machine); the bench run that reads the results back logs them.
 set -euo pipefail
-mode=${1:?usage: gpu_session.sh smoke|accuracy}
+mode=${1:?usage: gpu_session.sh smoke|accuracy|efficiency NETWORK...}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 
@@ -31,10 +32,15 @@ python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', mona
 # The networks of each seed idea that the benchmark tunes, and the MONAI baselines beside them.
 ACCURACY_NETWORKS="monai_unet_spleen monai_segresnet lunet_small_16f lunet_small_16f_unshuffle
  unet_small_8f_unshuffle unetmm_unet_small_8f_unshuffle_coarsest unetmm_lunet_small_16f_unshuffle_intermediate
- onenet_ed4_8f"
+ onenet_ed4_8f unetmm_lunet_small_16f_unshuffle_intermediate_wide unetmm_lunet_small_16f_unshuffle_intermediate_wider"
 BASELINES="monai_unet_spleen monai_checkpoint_unet_spleen monai_basicunet monai_segresnet monai_dynunet_nnunet"
 
 case $mode in
+efficiency)  # the GPU efficiency table for the networks named after the mode
+    python3 -m medunet bench --device cuda --no-tracking --networks "${@:2}" --shapes 1x1x128x128x128 \
+        --out benchmarks/gpu 2>&1 | tee "$out/efficiency.log"
+    cp benchmarks/gpu/efficiency.md benchmarks/gpu/efficiency.csv "$out/"
+    ;;
 smoke)
     # shellcheck disable=SC2086
     python3 -m medunet bench --device cuda --no-tracking --networks $BASELINES $ACCURACY_NETWORKS \

@@ -11,7 +11,7 @@ from torch import nn
 
 from medunet.networks import LUNet, NAFNet, OneNet, UNetMinus, create_network, list_networks
 from medunet.networks.layers import FlatSpatialFilter, pixel_shuffle, pixel_unshuffle
-from medunet.profiling import measure_skip_bytes
+from medunet.profiling import count_macs, measure_skip_bytes
 
 
 def n_params(net: nn.Module) -> int:
@@ -58,11 +58,19 @@ def test_channelwise_1d_convolution_is_a_pointwise_convolution() -> None:
 
 def test_spatial_filter_runs_over_the_channels_last_flattened_sequence() -> None:
     torch.manual_seed(0)
-    spatial = FlatSpatialFilter(9)
-    x = torch.randn(1, 8, 3, 4)
-    expected = torch.relu(spatial.conv(x.permute(0, 2, 3, 1).reshape(1, 1, -1))).reshape(1, 3, 4, 8).permute(0, 3, 1, 2)
-    assert torch.allclose(spatial(x), expected)
+    spatial = FlatSpatialFilter(9).double()
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    flat = x.permute(0, 2, 3, 1).reshape(2, 1, -1)
+    expected = torch.relu(spatial.conv(flat)).reshape(2, 3, 4, 8).permute(0, 3, 1, 2)
+    out = spatial(x)
+    assert torch.allclose(out, expected)
     assert n_params(spatial) == 10
+    assert count_macs(spatial, x) == x.numel() * 9  # counted as the 9-tap convolution it is
+    # Same gradients as the Conv1d it stands for (the shifted-sum form exists for speed only).
+    upstream = torch.randn_like(out)
+    inputs = (x, spatial.conv.weight, spatial.conv.bias)
+    for ours, reference in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        assert torch.allclose(ours, reference)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

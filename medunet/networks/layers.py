@@ -120,6 +120,11 @@ class FlatSpatialFilter(nn.Module):
     The tensor is laid out channels-last and flattened to (B, 1, prod(S) * C), so after a
     pixel-unshuffle the filter mixes the sub-pixel positions of one voxel (and, at the ends, its
     neighbour's). Reflection padding keeps the length. ``kernel_size + 1`` parameters in all.
+
+    The filter is computed as a sum of ``kernel_size`` shifted copies rather than by ``conv1d``: one input
+    channel over a length of millions makes the convolution kernels (and above all their weight gradient)
+    slow and, on the CPU, im2col-sized in memory; the shifted sum is the same function in a few
+    elementwise passes. ``self.conv`` holds the weights, so checkpoints are unchanged.
     """
 
     def __init__(self, kernel_size: int = 9) -> None:
@@ -134,8 +139,23 @@ class FlatSpatialFilter(nn.Module):
         dims = x.dim()
         channels_last = x.movedim(1, dims - 1)
         flat = channels_last.reshape(shape[0], 1, -1)
-        flat = self.act(self.conv(flat))
-        return flat.reshape(channels_last.shape).movedim(dims - 1, 1)
+        return self.act(self._filter(flat)).reshape(channels_last.shape).movedim(dims - 1, 1)
+
+    def extra_macs(self, output: torch.Tensor) -> int:
+        """Multiply-accumulates of one forward (the profiler's counter sees no convolution op here)."""
+        return output.numel() * self.conv.weight.shape[-1]
+
+    def _filter(self, flat: torch.Tensor) -> torch.Tensor:
+        """``self.conv(flat)`` (cross-correlation, reflection padding) as a sum of shifted copies."""
+        taps = self.conv.weight.shape[-1]
+        length = flat.shape[-1]
+        padded = F.pad(flat, (taps // 2, taps // 2), mode="reflect")
+        weight = self.conv.weight.view(-1).to(flat.dtype)
+        out = padded[..., 0:length] * weight[0]
+        for tap in range(1, taps):
+            out = out + padded[..., tap : tap + length] * weight[tap]
+        bias = self.conv.bias
+        return out + bias.to(flat.dtype) if bias is not None else out
 
 
 class ChannelLayerNorm(nn.Module):

@@ -123,3 +123,12 @@ for _target in ("coarsest", "intermediate", "finest"):
                     twin=f"{_name}_small_{_features}f_unshuffle", backbone=_name, target=_target,
                     features=_features, levels=5, convs_per_block=2, stem="unshuffle",
                 )
+# Wider aggregates for the lean backbone: E' sits at a coarse level, so 4x or 8x its channels costs next to
+# no memory, and larger pieces let the finest level keep 4 or 8 channels of its own (1 by default).
+for _suffix, _agg, _piece in (("wide", 64, 256), ("wider", 128, 512)):
+    register_preset(
+        f"unetmm_lunet_small_16f_unshuffle_intermediate_{_suffix}", UNetMinus, "unet--",
+        f"UNet-- on lunet_small_16f_unshuffle, E' of {_agg} channels at the intermediate level, pieces of {_piece}",
+        twin="lunet_small_16f_unshuffle", backbone="lunet", target="intermediate", features=16, levels=5,
+        convs_per_block=2, stem="unshuffle", agg_channels=_agg, piece_channels=_piece,
+    )

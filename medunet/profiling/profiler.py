@@ -116,10 +116,21 @@ def _measure_job(job_file: str) -> None:
 
 
 def count_macs(net: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of convolutions and matrix products in one forward (FLOPs / 2)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x)
-    return counter.get_total_flops() // 2
+    """Multiply-accumulates of convolutions and matrix products in one forward (FLOPs / 2).
+
+    A module that computes a convolution without a convolution op (e.g. OneNet's ``FlatSpatialFilter``, a
+    shifted sum) declares its own count with an ``extra_macs(output) -> int`` method, added here.
+    """
+    extra: list[int] = []
+    hooks = [module.register_forward_hook(lambda m, _, out: extra.append(int(m.extra_macs(out))))
+             for module in net.modules() if callable(getattr(module, "extra_macs", None))]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + sum(extra)
 
 
 def _median_ms(fn: Any, repeats: int, device: torch.device) -> float:
