@@ -32,7 +32,8 @@ python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', mona
 # The networks of each seed idea that the benchmark tunes, and the MONAI baselines beside them.
 ACCURACY_NETWORKS="monai_unet_spleen monai_segresnet lunet_small_16f lunet_small_16f_unshuffle
  unet_small_8f_unshuffle unetmm_unet_small_8f_unshuffle_coarsest unetmm_lunet_small_16f_unshuffle_intermediate
- onenet_ed4_8f unetmm_lunet_small_16f_unshuffle_intermediate_wide unetmm_lunet_small_16f_unshuffle_intermediate_wider"
+ onenet_ed4_8f unetmm_lunet_small_16f_unshuffle_intermediate_wide unetmm_lunet_small_16f_unshuffle_intermediate_wider
+ unetmm_lunet_small_16f_unshuffle_finest"
 BASELINES="monai_unet_spleen monai_checkpoint_unet_spleen monai_basicunet monai_segresnet monai_dynunet_nnunet"
 
 case $mode in

@@ -123,6 +123,13 @@ for _target in ("coarsest", "intermediate", "finest"):
                     twin=f"{_name}_small_{_features}f_unshuffle", backbone=_name, target=_target,
                     features=_features, levels=5, convs_per_block=2, stem="unshuffle",
                 )
+# E' at the finest level of the unshuffle stem (half resolution): each level keeps 16 channels of its own.
+register_preset(
+    "unetmm_lunet_small_16f_unshuffle_finest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f_unshuffle, E' of 16 channels at the finest (half-resolution) level, pieces of 16",
+    twin="lunet_small_16f_unshuffle", backbone="lunet", target="finest", features=16, levels=5,
+    convs_per_block=2, stem="unshuffle", piece_channels=16,
+)
 # Wider aggregates for the lean backbone: E' sits at a coarse level, so 4x or 8x its channels costs next to
 # no memory, and larger pieces let the finest level keep 4 or 8 channels of its own (1 by default).
 for _suffix, _agg, _piece in (("wide", 64, 256), ("wider", 128, 512)):
