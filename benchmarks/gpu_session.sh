@@ -26,14 +26,14 @@ fi
     mkdir -p /work/shared/data && cp -r .devcarry/data/Task04_Hippocampus /work/shared/data/
 }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/work/main PYTHONUNBUFFERED=1
+# The tree arrives without .git: name the commit for the results files (git rev-parse HEAD >.devcarry/COMMIT).
+MEDUNET_COMMIT=$(cat .devcarry/COMMIT 2>/dev/null || echo unknown)
+export MEDUNET_COMMIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, torch.cuda.get_device_name(0))"
 
-# The networks of each seed idea that the benchmark tunes, and the MONAI baselines beside them.
-ACCURACY_NETWORKS="monai_unet_spleen monai_segresnet lunet_small_16f lunet_small_16f_unshuffle
- unet_small_8f_unshuffle unetmm_unet_small_8f_unshuffle_coarsest unetmm_lunet_small_16f_unshuffle_intermediate
- onenet_ed4_8f unetmm_lunet_small_16f_unshuffle_intermediate_wide unetmm_lunet_small_16f_unshuffle_intermediate_wider
- unetmm_lunet_small_16f_unshuffle_finest"
+# The accuracy set (medunet.bench.accuracy.ACCURACY_NETWORKS) and the MONAI baselines.
+ACCURACY_NETWORKS=$(python3 -c "from medunet.bench.accuracy import ACCURACY_NETWORKS; print(*ACCURACY_NETWORKS)")
 BASELINES="monai_unet_spleen monai_checkpoint_unet_spleen monai_basicunet monai_segresnet monai_dynunet_nnunet"
 
 case $mode in

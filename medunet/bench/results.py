@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -77,8 +78,8 @@ def provenance_line() -> str:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
+        commit = os.environ.get("MEDUNET_COMMIT", "unknown")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     return (
         f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {device}, "

@@ -38,9 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--workflow", type=Path,
                           help="training workflow (default the task's: workflows/task04_hippocampus.json)")
     accuracy.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
-    accuracy.add_argument("--epochs", type=int, help="epochs (default 50; --quick 2)")
+    accuracy.add_argument("--epochs", type=int, help="epochs (default 20; --quick 2)")
     accuracy.add_argument("--epoch-length", type=int, help="iterations per epoch (default 200; --quick 4)")
-    accuracy.add_argument("--accuracy-networks", nargs="+", help="networks to train (default: those profiled)")
+    accuracy.add_argument("--accuracy-networks", nargs="+",
+                          help="networks to train (default: medunet.bench.accuracy.ACCURACY_NETWORKS; --quick: "
+                          "those profiled; 'profiled' for those profiled)")
     accuracy.add_argument("--jobs", type=int, default=1,
                           help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, Any]:
     """The accuracy half's settings, checked before the efficiency half runs (a typo fails now, not later)."""
-    from medunet.bench.accuracy import recipe_with
+    from medunet.bench.accuracy import ACCURACY_NETWORKS, recipe_with
     from medunet.engines.config import parse_settings, workflow_for_task
     from medunet.errors import MedunetError
     from medunet.networks import get_preset
@@ -136,7 +138,10 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
     workflow = args.workflow or workflow_for_task(task_dir)
     if not Path(workflow).is_file():
         raise MedunetError(f"workflow {workflow} does not exist. Fix: pass --workflow workflows/<task>.json.")
-    trained = list(dict.fromkeys(args.accuracy_networks or networks))
+    if args.accuracy_networks == ["profiled"] or (args.accuracy_networks is None and (args.quick or args.networks)):
+        trained = list(networks)
+    else:
+        trained = list(dict.fromkeys(args.accuracy_networks or ACCURACY_NETWORKS))
     if args.baseline not in trained:
         trained.insert(0, args.baseline)
     for name in trained:
