@@ -377,7 +377,22 @@ class SegmentationTraining:
             "versions": {"medunet": medunet.__version__, "monai": monai.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
         }
+        config["sessions"] = self._sessions(config)
         atomic_write_text(json.dumps(config, indent=2, default=str) + "\n", self.run_dir / CONFIG_FILE)
+
+    def _sessions(self, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Where each training session of this run ran (a resumed run may have moved machines)."""
+        def session(entry: dict[str, Any]) -> dict[str, Any]:
+            return {"from_epoch": int(entry.get("resumed_from_epoch") or 0) + 1, "device_name": entry.get("device_name"),
+                    "amp": entry.get("amp"), "torch": entry.get("versions", {}).get("torch"),
+                    "started": entry.get("started")}
+
+        earlier: list[dict[str, Any]] = []
+        path = self.run_dir / CONFIG_FILE
+        if self.resumed_from_epoch and path.is_file():
+            before = json.loads(path.read_text(encoding="utf-8"))
+            earlier = [s for s in before.get("sessions") or [session(before)] if s["from_epoch"] <= self.resumed_from_epoch]
+        return earlier + [session(config)]
 
     def _log_epoch(self, engine: Any) -> None:
         row = self.recorder.history[-1] if self.recorder and self.recorder.history else {}
