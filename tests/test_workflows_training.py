@@ -134,7 +134,11 @@ def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Pa
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3] and metrics["finished"]
     resume = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True)
     assert checkpoint_epoch(resume) == 3
-    assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["resumed_from_epoch"] == killed_at
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["resumed_from_epoch"] == killed_at
+    # Each session is kept, so a run resumed on another machine still says where its first epochs ran.
+    assert [session["from_epoch"] for session in config["sessions"]] == [1, killed_at + 1]
+    assert all(session["device_name"].startswith("CPU") for session in config["sessions"])
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
 
 
