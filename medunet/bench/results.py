@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -87,11 +88,19 @@ def provenance_line() -> str:
     )
 
 
+def plot_shape(efficiency: Sequence[EfficiencyResult]) -> tuple[int, ...] | None:
+    """The input shape the Pareto plot uses: the largest 3D input profiled (else the first shape)."""
+    shapes = list(dict.fromkeys(r.profile.input_shape for r in efficiency))
+    volumes = [shape for shape in shapes if len(shape) == 5]
+    return max(volumes, key=lambda shape: math.prod(shape)) if volumes else (shapes[0] if shapes else None)
+
+
 def pareto_plot(
     efficiency: Sequence[EfficiencyResult], accuracy: Sequence[dict[str, Any]], shape: tuple[int, ...], path: Path,
 ) -> Path | None:
     """Mean Dice against parameters and against peak inference memory at ``shape``; None without data."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,6 +121,10 @@ def pareto_plot(
         for x, y, p in zip(xs, ys, points):
             ax.annotate(p.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        # Ticks at 1, 2 and 5 per decade, labelled 200k, 1M...: readable over short and long ranges alike.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("mean Dice (validation fold)")
         ax.grid(alpha=0.3)

@@ -157,7 +157,7 @@ def _run_accuracy_half(
 ) -> tuple[list[dict[str, Any]], Path | None, list[Path]]:
     """Train and score each network; write accuracy.csv, accuracy.md and pareto.png; log the Dice values."""
     from medunet.bench.accuracy import run_accuracy
-    from medunet.bench.results import accuracy_table, pareto_plot, provenance_line, write_csv
+    from medunet.bench.results import accuracy_table, pareto_plot, plot_shape, provenance_line, write_csv
 
     rows = run_accuracy(
         accuracy["networks"], accuracy["task_dir"], accuracy["workflow"], accuracy["fold"], args.out,
@@ -170,7 +170,7 @@ def _run_accuracy_half(
         f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}\n", encoding="utf-8"
     )
     files.append(args.out / "accuracy.md")
-    plot = pareto_plot(results, rows, results[0].profile.input_shape, args.out / "pareto.png") if results else None
+    plot = pareto_plot(results, rows, plot_shape(results), args.out / "pareto.png") if results else None
     if plot is not None:
         files.append(plot)
     for row in rows:
