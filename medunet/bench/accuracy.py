@@ -263,16 +263,13 @@ def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[st
 def _trained_on(config: Mapping[str, Any]) -> str:
     """Where a run trained, e.g. ``NVIDIA H100 80GB HBM3, amp, torch 2.11.0``: training time depends on it.
     A run resumed on another machine names each session with its first epoch."""
-    def describe(entry: Mapping[str, Any], torch_version: str | None) -> str:
-        parts = [entry.get("device_name") or entry.get("device") or "unknown device"]
-        if entry.get("amp"):
-            parts.append("amp")
-        return ", ".join(parts + [f"torch {torch_version or '?'}"])
-
-    sessions = config.get("sessions") or []
-    if len({(s.get("device_name"), s.get("amp"), s.get("torch")) for s in sessions}) > 1:
-        return "; ".join(f"epochs {s['from_epoch']}+: {describe(s, s.get('torch'))}" for s in sessions)
-    return describe(config, config.get("versions", {}).get("torch"))
+    sessions = config.get("sessions") or [{"from_epoch": 1, "device_name": config.get("device_name") or config.get("device"),
+                                           "amp": config.get("amp"), "torch": config.get("versions", {}).get("torch")}]
+    described = [", ".join([s.get("device_name") or "unknown device", *(["amp"] if s.get("amp") else []),
+                            f"torch {s.get('torch') or '?'}"]) for s in sessions]
+    if len(set(described)) == 1:
+        return described[0]
+    return "; ".join(f"epochs {s['from_epoch']}+: {text}" for s, text in zip(sessions, described))
 
 
 def _finished(run_dir: Path) -> bool:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from medunet.bench.efficiency import EfficiencyResult
 from medunet.profiling import comparison_rows, markdown_table
 from medunet.profiling.profiler import MIB
+from medunet.tracking.tags import device_description, git_commit
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -74,14 +74,10 @@ def accuracy_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
 
 def provenance_line() -> str:
     """Date, machine, device and commit, for the head of a results file."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
-        commit = os.environ.get("MEDUNET_COMMIT", "unknown")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    found = git_commit()
+    # A copy of the tree without .git (e.g. on a lent GPU machine) names its commit in MEDUNET_COMMIT.
+    commit = found[0][:7] if found else os.environ.get("MEDUNET_COMMIT", "unknown")
+    device = device_description()
     return (
         f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {device}, "
         f"torch {torch.__version__}, commit {commit}"

@@ -73,6 +73,7 @@ from medunet.engines.checkpoint import (
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.errors import MedunetError
+from medunet.tracking.tags import device_description
 
 CONFIG_FILE = "config.json"
 logger = logging.getLogger("medunet.train")
@@ -369,8 +370,7 @@ class SegmentationTraining:
             "seed": self.seed,
             "world_size": self.context.world_size,
             "device": str(self.context.device),
-            "device_name": (torch.cuda.get_device_name(self.context.device) if self.context.device.type == "cuda"
-                            else f"CPU ({torch.get_num_threads()} threads)"),
+            "device_name": device_description(str(self.context.device)),
             "resumed_from_epoch": self.resumed_from_epoch,
             "command": sys.argv,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -52,6 +52,14 @@ def device_name(device: str | None = None) -> str:
     return str(device)
 
 
+def device_description(device: str | None = None) -> str:
+    """:func:`device_name`, with the thread count for the CPU (``CPU (2 threads)``): what a timing depends on."""
+    import torch
+
+    name = device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)" if name == "cpu" else name
+
+
 def run_tags(device: str | None = None) -> dict[str, str]:
     """The automatic tags of a run. MLflow's own keys where it has one (the UI shows those)."""
     try:
