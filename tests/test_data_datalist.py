@@ -76,7 +76,8 @@ def test_make_datalist_cli_writes_the_default_file(phantom_task: Path, tmp_path:
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["make-datalist", str(phantom_task), "--folds", "3", "--seed", "2"]) == 0
-    written = json.loads((tmp_path / "data_lists" / "Task90_PhantomCT_folds.json").read_text(encoding="utf-8"))
+    written = json.loads((phantom_task / "folds.json").read_text(encoding="utf-8"))  # beside dataset.json
+    assert not (tmp_path / "data_lists").exists()
     assert written == make_datalist(phantom_task, num_folds=3, seed=2)
 
 

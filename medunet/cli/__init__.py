@@ -1,4 +1,10 @@
-"""The ``medunet`` command line: one sub-command per module, registered below."""
+"""The ``medunet`` command line: one sub-command per module, registered below.
+
+The command modules import torch, MONAI and MLflow only inside the functions that run a command, so
+``medunet --help`` and argument errors answer in well under a second (``benchmarks/cli_startup.py``).
+Every user error ends as one line on stderr and exit code 2: argparse errors, :class:`MedunetError`, and
+an ``OSError`` such as a full disk or a read-only run folder.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from medunet.checks import WRITE_FIXES, write_problem
+from medunet.cli.common import OneLineParser
 from medunet.errors import MedunetError
 
 # Each module defines ``register(subparsers)`` that adds its sub-command(s) and sets ``func``.
@@ -22,7 +30,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="medunet",
         description="Efficient U-Nets for 3D medical image segmentation on MONAI.",
     )
@@ -36,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``medunet ARGV``; return the exit code (0 done, 2 a user error, printed as one line)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or an argument error already printed as one line
+        return exit_.code if isinstance(exit_.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -47,6 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         # Errors raised by medunet already name the file or case and the fix: print them plainly.
         print(f"medunet {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as error:
+        # A full disk, a read-only or forbidden folder; MONAI's config evaluation wraps it in a RuntimeError.
+        os_error = _os_error_inside(error)
+        if os_error is None:
+            raise
+        print(f"medunet {args.command}: error: {write_problem(os_error)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_inside(error: BaseException) -> OSError | None:
+    """The OSError naming a file, or saying a disk is full or read-only, that ``error`` is or wraps (None: a
+    bug, whose traceback should show)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.filename is not None or seen.errno in WRITE_FIXES):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 if __name__ == "__main__":

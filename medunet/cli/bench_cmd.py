@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medunet.cli.common import add_tracking_arguments, device_name, non_negative_int, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--networks", nargs="+", help="registry names (default: the benchmark set; 'all' for every preset)")
     parser.add_argument("--shapes", nargs="+", help="input shapes like 1x1x128x128x128 (default: 96^3, 128^3, 3x256^2)")
     parser.add_argument("--baseline", default="monai_unet_spleen", help="ratios are to this network (default monai_unet_spleen)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     parser.add_argument("--volume", default=None, help="sliding-window volume DxHxW (default 512x512x128; 'none' to skip)")
     parser.add_argument("--no-train", action="store_true", help="skip training-step memory and latency")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per latency figure (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest"), help="output folder (default benchmarks/latest)")
     parser.add_argument("--results", type=Path, metavar="FILE",
                         help="also write the results file here (e.g. benchmarks/RESULTS.md), its plot beside it")
@@ -37,18 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="MSD task folder (default ../shared/data/Task04_Hippocampus)")
     accuracy.add_argument("--workflow", type=Path,
                           help="training workflow (default the task's: workflows/task04_hippocampus.json)")
-    accuracy.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
-    accuracy.add_argument("--epochs", type=int, help="epochs (default 20; --quick 2)")
-    accuracy.add_argument("--epoch-length", type=int, help="iterations per epoch (default 200; --quick 4)")
+    accuracy.add_argument("--fold", type=non_negative_int, default=0, help="validation fold (default 0)")
+    accuracy.add_argument("--epochs", type=positive_int, help="epochs (default 20; --quick 2)")
+    accuracy.add_argument("--epoch-length", type=positive_int, help="iterations per epoch (default 200; --quick 4)")
     accuracy.add_argument("--accuracy-networks", nargs="+",
                           help="networks to train (default: medunet.bench.accuracy.ACCURACY_NETWORKS; --quick: "
                           "those profiled; 'profiled' for those profiled)")
-    accuracy.add_argument("--jobs", type=int, default=1,
+    accuracy.add_argument("--jobs", type=positive_int, default=1,
                           help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="change a recipe key for every network, VALUE as JSON (e.g. --set patch_size=[32,32,32])")
-    from medunet.tracking import add_tracking_arguments
-
     add_tracking_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from medunet.cli.common import non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,22 +21,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check.set_defaults(func=_check_data)
 
-    phantom = subparsers.add_parser("make-phantom", help="write a synthetic MSD-format task (CT or MRI)")
-    phantom.add_argument("out_dir", metavar="OUT_DIR", help="task folder to write, e.g. data/Task90_PhantomCT")
+    phantom = subparsers.add_parser(
+        "make-phantom", help="write a synthetic MSD-format task (CT or MRI)",
+        description="Write a synthetic MSD-format task into OUT_DIR (relative to the current folder). An existing "
+        "non-empty OUT_DIR is refused unless --force, so a real task is never overwritten.")
+    phantom.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                         help="task folder to write, e.g. data/Task90_PhantomCT (relative to the current folder)")
     phantom.add_argument("--kind", choices=("ct", "mri"), default="ct", help="CT in HU or MRI-like (default ct)")
-    phantom.add_argument("--cases", type=int, default=4, help="labelled training cases (default 4)")
-    phantom.add_argument("--test-cases", type=int, default=1, help="unlabelled cases in imagesTs (default 1)")
-    phantom.add_argument("--size", type=int, nargs=3, default=(48, 48, 32), metavar=("X", "Y", "Z"),
+    phantom.add_argument("--cases", type=positive_int, default=4, help="labelled training cases (default 4)")
+    phantom.add_argument("--test-cases", type=non_negative_int, default=1, help="unlabelled cases in imagesTs (default 1)")
+    phantom.add_argument("--size", type=positive_int, nargs=3, default=(48, 48, 32), metavar=("X", "Y", "Z"),
                          help="voxels per axis (default 48 48 32)")
     phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    phantom.add_argument("--channels", type=int, default=1, help="image channels; >1 writes 4D images (default 1)")
+    phantom.add_argument("--channels", type=positive_int, default=1, help="image channels; >1 writes 4D images (default 1)")
+    phantom.add_argument("--force", action="store_true", help="write into OUT_DIR even if it holds files")
     phantom.set_defaults(func=_make_phantom)
 
     folds = subparsers.add_parser("make-datalist", help="write k-fold cross-validation splits for a task")
     folds.add_argument("task_dir", metavar="TASK_DIR", help="MSD task folder holding dataset.json")
-    folds.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    folds.add_argument("--folds", type=positive_int, default=5, help="number of folds (default 5)")
     folds.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    folds.add_argument("--out", help="output JSON (default data_lists/<TaskFolder>_folds.json)")
+    folds.add_argument("--out", type=Path, help="output JSON (default TASK_DIR/folds.json, beside dataset.json)")
     folds.set_defaults(func=_make_datalist)
 
 
@@ -53,7 +61,7 @@ def _make_phantom(args: argparse.Namespace) -> int:
 
     root = make_phantom_task(
         args.out_dir, kind=args.kind, num_cases=args.cases, num_test=args.test_cases, size=tuple(args.size),
-        seed=args.seed, channels=args.channels,
+        seed=args.seed, channels=args.channels, overwrite=args.force,
     )
     print(f"wrote {args.kind.upper()} phantom task {root} ({args.cases} training, {args.test_cases} test case(s))")
     return 0
@@ -62,6 +70,8 @@ def _make_phantom(args: argparse.Namespace) -> int:
 def _make_datalist(args: argparse.Namespace) -> int:
     from medunet.data.datalist import write_datalist
 
-    out = write_datalist(args.task_dir, args.out, num_folds=args.folds, seed=args.seed)
+    # Beside the task's dataset.json, not in the current folder (which may be this repository).
+    out = write_datalist(args.task_dir, args.out or Path(args.task_dir) / "folds.json", num_folds=args.folds,
+                         seed=args.seed)
     print(f"wrote {out}")
     return 0

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medunet.checks import check_number
+from medunet.cli.common import add_tracking_arguments, non_negative_int
 from medunet.errors import MedunetError
 
 if TYPE_CHECKING:
@@ -31,14 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 2.0), e.g. --tolerance-mm 1.0 --tolerance-mm spleen=3")
     parser.add_argument("--provenance", type=Path, help="JSON file of provenance fields for the report "
                         "(network, parameters, checkpoint_sha256, data, fold, inferer, device, ...)")
-    parser.add_argument("--workers", type=int, help="parallel processes (default: CPU count up to 8)")
+    parser.add_argument("--workers", type=non_negative_int, help="parallel processes (default: CPU count up to 8)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave out references without a prediction instead of counting them as failures")
     parser.add_argument("--strict", action="store_true", help="fail on any missing, extra or mismatched case")
     parser.add_argument("--no-report", action="store_true", help="write only cases.csv and summary.json")
     parser.add_argument("--title", help="report title")
-    from medunet.tracking import add_tracking_arguments
-
     add_tracking_arguments(parser)
     parser.set_defaults(func=_evaluate)
 
@@ -49,9 +49,12 @@ def parse_tolerances(values: list[str]) -> float | dict[str, float]:
     for value in values:
         key, _, number = value.rpartition("=")
         try:
-            tolerances[key or "default"] = float(number)
+            tolerance = float(number)
         except ValueError:
-            raise MedunetError(f"--tolerance-mm {value!r} is not MM or LABEL=MM, e.g. 2.0 or 1=1.5") from None
+            raise MedunetError(f"--tolerance-mm {value!r} is not MM or LABEL=MM. Fix: e.g. 2.0 or 1=1.5.") from None
+        tolerances[key or "default"] = check_number(
+            tolerance, "--tolerance-mm", low=0.0, low_open=True,
+            fix="Fix: a distance in mm above 0, e.g. --tolerance-mm 2.0 or --tolerance-mm spleen=3.")
     if set(tolerances) <= {"default"}:
         return tolerances.get("default", 2.0)
     return tolerances
@@ -69,6 +72,7 @@ def _read_provenance(path: Path | None) -> dict | None:
 def _evaluate(args: argparse.Namespace) -> int:
     from medunet.tracking import tracker_from_args
 
+    parse_tolerances(args.tolerance_mm)  # a bad --tolerance-mm fails now, before any case is read
     with tracker_from_args(args, args.out or args.pred / "evaluation", tags={"kind": "evaluate"}) as tracker:
         tracker.log_params({"pred": str(args.pred), "ref": str(args.ref), "tolerance_mm": args.tolerance_mm})
         result = _run(args)
@@ -100,6 +104,9 @@ def _run(args: argparse.Namespace) -> EvaluationResult:
 def _print(result: EvaluationResult) -> None:
     for problem in result.problems:
         print(f"warning: {problem}")
+    skipped = result.provenance.get("evaluation", {}).get("missing_predictions", "")
+    if skipped not in ("none", "scored as failures", ""):
+        print(skipped)  # one line for every case --skip-missing left out
     for label, name in result.labels.items():
         stats = result.aggregates[str(label)]
         print(f"{name:>20}: Dice {stats['dice']['mean']:.4f} ± {stats['dice']['std']:.4f}, "

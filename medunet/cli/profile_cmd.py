@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tqdm import tqdm
+from medunet.cli.common import device_name, input_shape, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,22 +17,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "measured in a fresh process per figure on the CPU, with CUDA allocator statistics on a GPU.",
     )
     parser.add_argument("names", nargs="+", help="registry names, e.g. lunet_small_8f monai_unet_spleen")
-    parser.add_argument("--shape", default="1x1x128x128x128", help="input BxCx[D]xHxW (default 1x1x128x128x128)")
-    parser.add_argument("--out-channels", type=int, default=2, help="classes the networks output (default 2)")
+    parser.add_argument("--shape", type=input_shape, default="1x1x128x128x128", help="input BxCx[D]xHxW (default 1x1x128x128x128)")
+    parser.add_argument("--out-channels", type=positive_int, default=2, help="classes the networks output (default 2)")
     parser.add_argument("--baseline", help="name to divide by (default: the first name)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step figures")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory figures (faster)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per latency figure (default 3)")
     parser.add_argument("--json", type=Path, help="also write the raw results to this JSON file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medunet.networks import get_preset
-    from medunet.profiling import comparison_rows, markdown_table, parse_shape, profile
+    from tqdm import tqdm
 
-    shape = parse_shape(args.shape)
+    from medunet.networks import get_preset
+    from medunet.profiling import comparison_rows, markdown_table, profile
+
+    shape = args.shape  # a tuple: argparse applies type= to the default string too
     for name in args.names:
         get_preset(name)  # fail fast, before minutes of profiling, on a misspelt name
     results = []

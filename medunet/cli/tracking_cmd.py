@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medunet.cli.common import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="MLflow server or store; default $MLFLOW_TRACKING_URI, else "
                              "sqlite:///<cwd>/mlruns/mlruns.db")
     parser.add_argument("--experiment", default="medunet", help="experiment name (default medunet)")
-    parser.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    parser.add_argument("--limit", type=positive_int, default=20, help="how many runs (default 20)")
     parser.add_argument("--metric", action="append", default=[], metavar="KEY",
                         help="also show this metric (repeatable), e.g. --metric val_dice_spleen")
     parser.set_defaults(func=run)

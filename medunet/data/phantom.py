@@ -122,6 +122,7 @@ def make_phantom_task(
     size: tuple[int, int, int] = (48, 48, 32),
     seed: int = 0,
     channels: int = 1,
+    overwrite: bool = False,
 ) -> Path:
     """Write an MSD-format task (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs``) and return its folder.
 
@@ -133,6 +134,8 @@ def make_phantom_task(
         size: voxels per axis (x, y, z).
         seed: base seed; case i uses ``seed * 1000 + i`` so cases differ and runs repeat.
         channels: image channels (4D images when more than one).
+        overwrite: write into ``out_dir`` even when it already holds files (refused otherwise, so a real
+            task's ``dataset.json`` is never replaced by accident).
 
     Example::
 
@@ -141,6 +144,11 @@ def make_phantom_task(
     if num_cases < 1 or num_test < 0:
         raise MedunetError(f"need at least one training case (got {num_cases}) and num_test >= 0 (got {num_test}).")
     root = Path(out_dir)
+    if not overwrite and root.is_dir() and any(root.iterdir()):
+        raise MedunetError(
+            f"{root} already exists and is not empty ({'holds a dataset.json' if (root / 'dataset.json').exists() else 'holds files'}); "
+            "a phantom would overwrite it. Fix: pick a new folder, or pass --force (overwrite=True) to write there anyway."
+        )
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     training, test = [], []

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medunet.cli.common import add_tracking_arguments  # noqa: F401 - re-exported; defined light for the CLI
 from medunet.errors import MedunetError
 from medunet.tracking.stores import resolve_tracking_uri, sqlite_path
 from medunet.tracking.tracker import Tracker
@@ -32,16 +33,6 @@ KEY_METRICS = (
 )
 # Parameters naming the network, as the training config, ``log_profile`` or a user may log it.
 _NETWORK_PARAMS = ("network.name", "network", "profile.network")
-
-
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--tracking-uri``, ``--experiment`` and ``--no-tracking`` to a sub-command's parser."""
-    group = parser.add_argument_group("MLflow tracking")
-    group.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking server (http://host:5000) or store (sqlite:///abs/path.db, a folder); "
-                            "default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlruns.db")
-    group.add_argument("--experiment", default="medunet", help="MLflow experiment name (default medunet)")
-    group.add_argument("--no-tracking", action="store_true", help="do not track this run in MLflow")
 
 
 def tracker_from_args(
