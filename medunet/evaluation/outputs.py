@@ -12,12 +12,14 @@ written as the JSON token ``NaN``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medunet.atomic import atomic_write_text
 from medunet.evaluation.aggregate import FOREGROUND
 from medunet.evaluation.metrics import METRIC_NAMES
 
@@ -30,12 +32,13 @@ _NNUNET_NAMES = {"dice": "Dice", "iou": "IoU", "tp": "TP", "fp": "FP", "fn": "FN
 
 
 def write_case_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """One row per case and label, columns :data:`CSV_COLUMNS`; NaN written as an empty cell."""
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _csv_value(row.get(key)) for key in CSV_COLUMNS})
+    """One row per case and label, columns :data:`CSV_COLUMNS`; NaN written as an empty cell (atomically)."""
+    stream = io.StringIO(newline="")
+    writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(row.get(key)) for key in CSV_COLUMNS})
+    atomic_write_text(stream.getvalue(), path)
     return path
 
 
@@ -64,8 +67,8 @@ def summary_json(
 
 
 def write_summary_json(summary: Mapping[str, Any], path: Path) -> Path:
-    """Write ``summary.json`` (indented, NaN as ``NaN`` like nnU-Net)."""
-    path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    """Write ``summary.json`` (indented, NaN as ``NaN`` like nnU-Net) atomically."""
+    atomic_write_text(json.dumps(summary, indent=2, default=str), path)
     return path
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
+from medunet.atomic import atomic_path, atomic_write_text
 from medunet.evaluation import cases as case_io
 from medunet.evaluation.aggregate import FOREGROUND
 
@@ -66,7 +67,7 @@ def write_report(
         "Best, median and worst case": overlay_figure(result, images_dir),
     }
     html_path = Path(out_dir) / "report.html"
-    html_path.write_text(render_html(result, title, figures), encoding="utf-8")
+    atomic_write_text(render_html(result, title, figures), html_path)
     pdf_path = Path(out_dir) / "report.pdf"
     render_pdf(result, title, figures, pdf_path)
     return {"report_html": html_path, "report_pdf": pdf_path}
@@ -346,8 +347,9 @@ def _provenance_rows(provenance: Mapping[str, Any], prefix: str = "") -> list[tu
 
 
 def render_pdf(result: EvaluationResult, title: str, figures: Mapping[str, Figure], path: Path) -> Path:
-    """The report as a PDF: a front page, the summary table, then one page per figure."""
-    with PdfPages(path, metadata={"Title": title, "Creator": "medunet evaluate"}) as pdf:
+    """The report as a PDF: a front page, the summary table, then one page per figure (written atomically)."""
+    metadata = {"Title": title, "Creator": "medunet evaluate"}
+    with atomic_path(path) as temporary, PdfPages(temporary, metadata=metadata) as pdf:
         pdf.savefig(_front_page(result, title))
         for page in _table_pages(result):
             pdf.savefig(page)

@@ -1,0 +1,132 @@
+"""Atomic file writes: a kill at any moment leaves the previous complete file or the new one, never a part.
+
+Every file medunet writes (checkpoints, run records, predictions, ``cases.csv``, ``summary.json``, reports)
+goes to a hidden temporary file in the destination's folder, ``.tmp<PID>.<name>``, is fsynced, and is then
+``os.replace``-d over the destination, which POSIX makes atomic within one file system. The temporary name
+keeps the destination's suffix, so writers that pick the format from it (nibabel, MONAI's ``SaveImage``,
+matplotlib's ``PdfPages``) write the right format.
+
+A SIGKILL leaves the temporary file behind. It is hidden, so case listings skip it (see
+:func:`is_hidden`), and :func:`remove_stale_temporaries` deletes those of processes that no longer run.
+
+Example:
+    >>> with atomic_path("out/case1.nii.gz") as temporary:  # doctest: +SKIP
+    ...     nib.save(image, temporary)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+_TEMPORARY_NAME = re.compile(r"^\.tmp(\d+)\.")
+
+
+def temporary_path(path: str | Path) -> Path:
+    """The hidden temporary file beside ``path`` that this process writes before renaming it to ``path``."""
+    path = Path(path)
+    return path.with_name(f".tmp{os.getpid()}.{path.name}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; on success fsync it and rename it to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the destination file; its folder is created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, path)
+        _fsync(path.parent)  # make the rename itself durable
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def replace_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(file)`` on a binary file object of a temporary file, then move it over ``path`` atomically.
+
+    Args:
+        path: the destination file; its folder is created.
+        write: writes the content to the open file.
+    """
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        write(file)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        data: the content.
+        path: the destination file; its folder is created.
+    """
+    replace_atomically(path, lambda file: file.write(data))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Args:
+        text: the content.
+        path: the destination file; its folder is created.
+    """
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def is_hidden(path: str | Path) -> bool:
+    """Whether ``path`` is a hidden file (``.name``): temporary files of :func:`atomic_path`, editor files."""
+    return Path(path).name.startswith(".")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by killed processes; returns the deleted files.
+
+    Temporary files of processes that still run (another medunet writing to the same folder) are kept.
+
+    Args:
+        folder: a folder written with :func:`atomic_path`; a missing folder has nothing to remove.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match and path.is_file() and not _process_runs(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, under another user
+        return True
+    except OSError:  # e.g. a PID out of range: not a process
+        return False
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
