@@ -28,7 +28,7 @@ def clean_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def broken_task(clean_task: Path, tmp_path: Path) -> Path:
     """A copy of the clean task with one different problem in each of seven cases."""
     root = Path(shutil.copytree(clean_task, tmp_path / clean_task.name))
-    # phantom_000: a truncated gzip image (its header still reads; its voxels do not)
+    # phantom_000: a truncated gzip image (its header still reads; the gzip trailer shows it is cut short)
     image = root / "imagesTr" / "phantom_000.nii.gz"
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     # phantom_001: the label file is gone
@@ -69,7 +69,8 @@ def test_broken_copy_reports_every_problem_with_case_and_fix(broken_task: Path) 
     problems = check_task(broken_task, progress=False)
     found = _by_case(problems)
     assert len(problems) == 7, "\n".join(map(str, problems))
-    assert "cannot read the voxels" in found["phantom_000"] and "imagesTr/phantom_000" in found["phantom_000"]
+    assert "file is incomplete" in found["phantom_000"] and "imagesTr/phantom_000" in found["phantom_000"]
+    assert "re-download or re-export it" in found["phantom_000"]
     assert "file does not exist" in found["phantom_001"] and "labelsTr/phantom_001" in found["phantom_001"]
     assert "label shape (14, 16, 8) differs from image shape (16, 16, 8)" in found["phantom_002"]
     assert "label value(s) [7] not declared" in found["phantom_003"]
@@ -99,9 +100,9 @@ def test_check_data_cli_passes_a_clean_task(clean_task: Path, capsys: pytest.Cap
     assert "Task90_PhantomCT: OK (7 training, 1 test" in capsys.readouterr().out
 
 
-def test_headers_only_mode_misses_truncated_voxels_but_not_broken_headers(broken_task: Path) -> None:
+def test_headers_only_mode_still_catches_truncated_files_and_broken_headers(broken_task: Path) -> None:
     found = _by_case(check_task(broken_task, read_images=False, progress=False))
-    assert "phantom_000" not in found and "cannot read the file header" in found["phantom_006"]
+    assert "file is incomplete" in found["phantom_000"] and "cannot read the file header" in found["phantom_006"]
 
 
 def test_absolute_path_outside_and_float_label_values_are_reported(clean_task: Path, tmp_path: Path) -> None:

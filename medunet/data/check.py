@@ -5,16 +5,17 @@
 call these, so they refuse bad data with the same message.
 
 Checks: ``dataset.json`` exists, parses and has ``labels``/``modality``/``training``; the training list is not
-empty and lists each case once; every path stays inside the task folder; every file exists and is readable;
-image channels match ``modality``; image and label spatial shapes and affines agree; label values are
-those ``labels`` declares. Headers are read with nibabel (SimpleITK for other formats); labels are read in
-full for their values; images are read in full too unless ``read_images=False`` (a truncated gzip only shows
-when its voxels are decompressed).
+empty and lists each case once; every path stays inside the task folder, also after following symbolic links;
+every file exists, is complete (``verify_complete``: as many voxels as its header declares) and is readable;
+images are 3D (no 2D image or single-slice axis: the networks and presets are 3D); image channels match
+``modality``; image and label spatial shapes and affines agree; label values are those ``labels`` declares.
+Headers are read with nibabel (SimpleITK for other formats); labels are read in full for their values; images
+are read in full too unless ``read_images=False``, which also checks that every voxel is finite (no NaN/Inf)
+and catches a damaged gzip payload or CRC (a cut-short file is caught in both modes).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from medunet.data.datalist import read_datalist_json
-from medunet.data.msd import MSDCase, MSDTask, case_id_of, load_task, resolve_entry
-from medunet.data.readers import ImageHeader, read_array, read_header
+from medunet.data.msd import MSDCase, MSDTask, case_id_of, load_task, outside_root, resolve_entry
+from medunet.data.readers import ImageHeader, IncompleteFileError, read_array, read_header, verify_complete
 from medunet.errors import MedunetError
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -54,12 +55,6 @@ def format_problems(task_dir: str | Path, problems: list[Problem]) -> str:
     lines = [f"task {task_dir} has {len(problems)} problem(s):"]
     lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
-
-
-def _inside(root: Path, path: Path) -> bool:
-    """Whether ``path`` (already normalised) lies within ``root`` without following links."""
-    root_text = os.path.normpath(str(root))
-    return os.path.commonpath([root_text, str(path)]) == root_text
 
 
 def _cases_from_datalist(task: MSDTask, datalist: str | Path) -> list[MSDCase]:
@@ -94,10 +89,19 @@ class _CaseChecker:
 
     def path_ok(self, case: MSDCase, entry: str, path: Path) -> bool:
         """Inside the task folder and present; reports and returns False otherwise."""
-        if not _inside(self.task.root, path):
+        outside = outside_root(self.task.root, path)
+        if outside is not None and outside == path:
             self.report(
                 case.case_id, entry, f"path resolves to {path}, outside the task folder {self.task.root}",
                 "move the file into the task folder and list it relative to it, e.g. ./imagesTr/<name>",
+            )
+            return False
+        if outside is not None:
+            self.report(
+                case.case_id, entry,
+                f"is a symbolic link to {outside}, outside the task folder {self.task.root}",
+                "copy the file into the task folder instead of linking to it (links must stay inside the task "
+                "folder, so the task trains only on its own files)",
             )
             return False
         if not path.exists():
@@ -108,7 +112,18 @@ class _CaseChecker:
             return False
         return True
 
+    def incomplete(self, case: MSDCase, entry: str, error: IncompleteFileError) -> None:
+        self.report(case.case_id, entry, f"file is incomplete: {error.detail}", IncompleteFileError.FIX)
+
     def header(self, case: MSDCase, entry: str, path: Path) -> ImageHeader | None:
+        """The header, after ``verify_complete`` (cheap: no decompression for a sound single-stream gzip)."""
+        try:
+            verify_complete(path)
+        except IncompleteFileError as error:
+            self.incomplete(case, entry, error)
+            return None
+        except Exception:  # noqa: BLE001 - an unparsable header: read_header below reports it
+            pass
         try:
             return read_header(path)
         except Exception as error:  # any reader error means the same thing to the user: unreadable
@@ -121,6 +136,9 @@ class _CaseChecker:
     def voxels(self, case: MSDCase, entry: str, path: Path) -> np.ndarray | None:
         try:
             return read_array(path)
+        except IncompleteFileError as error:
+            self.incomplete(case, entry, error)
+            return None
         except Exception as error:
             self.report(
                 case.case_id, entry, f"cannot read the voxels ({type(error).__name__}: {error})",
@@ -134,8 +152,20 @@ class _CaseChecker:
         header = self.header(case, case.image_entry, case.image)
         if header is None:
             return None
-        if self.read_images and self.voxels(case, case.image_entry, case.image) is None:
-            return None
+        if self.read_images:
+            voxels = self.voxels(case, case.image_entry, case.image)
+            if voxels is None:
+                return None
+            self.check_finite(case, voxels)
+        shape = header.spatial_shape
+        if len(shape) < 3 or min(shape) < 2:
+            what = f"{len(shape)}D" if len(shape) < 3 else "a single slice thick along an axis"
+            self.report(
+                case.case_id, case.image_entry,
+                f"image is {what} (spatial shape {shape}), not a 3D volume; medunet's networks and presets are 3D",
+                "export the whole 3D volume of this case (all slices), or remove the case from dataset.json "
+                "(or the datalist)",
+            )
         if header.channels != self.task.num_channels:
             self.report(
                 case.case_id, case.image_entry,
@@ -144,6 +174,23 @@ class _CaseChecker:
                 "store all modalities of a case in one 4D file (x, y, z, channel) or correct 'modality'",
             )
         return header
+
+    def check_finite(self, case: MSDCase, voxels: np.ndarray) -> None:
+        """Report NaN/Inf voxels: one NaN turns the intensity normalisation, the loss and the weights into NaN."""
+        if not np.issubdtype(voxels.dtype, np.floating):
+            return  # integer voxels are always finite
+        finite = np.isfinite(voxels)
+        if finite.all():
+            return
+        nan = int(np.isnan(voxels).sum())
+        infinite = int(voxels.size - finite.sum()) - nan
+        self.report(
+            case.case_id, case.image_entry,
+            f"image has {nan} NaN and {infinite} infinite voxel(s) of {voxels.size} "
+            f"({100.0 * (nan + infinite) / voxels.size:.2g}%)",
+            "replace them with a real intensity and save the image again (e.g. the background value: "
+            "numpy.nan_to_num(voxels, nan=0.0, posinf=0.0, neginf=0.0)), or re-export it from the source",
+        )
 
     def check_label(self, case: MSDCase, image: ImageHeader | None) -> None:
         if case.label is None:
@@ -204,7 +251,8 @@ def check_task(
     Args:
         task_dir: the MSD task folder.
         datalist: optional k-fold datalist JSON; its training cases are checked instead of dataset.json's.
-        read_images: also decompress every image to catch truncated files (labels are always read).
+        read_images: also read every image in full, to catch NaN/Inf voxels and damaged gzip payloads (labels
+            are always read; files cut short are caught either way).
         progress: show a tqdm progress bar on stderr.
 
     Example::
@@ -246,7 +294,7 @@ def assert_task_ok(
     Args:
         task_dir: the MSD task folder.
         datalist: optional k-fold datalist JSON to check instead of dataset.json's training list.
-        read_images: also decompress every image to catch truncated files.
+        read_images: also read every image in full (NaN/Inf voxels, damaged gzip payloads).
         progress: show a tqdm progress bar on stderr.
     """
     problems = check_task(task_dir, datalist, read_images=read_images, progress=progress)

@@ -15,6 +15,9 @@ Fewer cases than folds (e.g. the one-case Task09_Spleen sample): cross-validatio
 still dealt round-robin (case i in fold i), but every fold trains on *all* cases and validates on all cases
 too, with a warning when written and when loaded. This keeps a smoke run working end to end; its
 validation scores then measure fit, not generalisation.
+
+Datalists are files users receive, so loading one refuses entries that are not path strings and paths that
+lead outside ``data_root`` (``../``, an absolute path elsewhere, or a symbolic link to a file elsewhere).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-from medunet.data.msd import MSDTask, load_task
+from medunet.data.msd import MSDTask, load_task, outside_root, resolve_entry
 from medunet.errors import MedunetError
 
 DATALIST_DIR = Path("data_lists")
@@ -176,13 +179,50 @@ def read_datalist_json(datalist_file: str | Path) -> dict[str, Any]:
             f"datalist {path}: training item(s) {bad[:10]} lack an integer 'fold'. "
             "Fix: regenerate it with 'medunet make-datalist TASK_DIR'."
         )
+    test = datalist.get("test") or []
+    if not isinstance(test, list):
+        raise MedunetError(f"datalist {path}: 'test' is {test!r}, not a list. Fix: regenerate it.")
+    for section, items, keys in (("training", training, ("image", "label")), ("test", test, ("image",))):
+        for index, item in enumerate(items):
+            fields = {"image": item} if section == "test" and isinstance(item, str) else item
+            if not isinstance(fields, dict):
+                raise MedunetError(f"datalist {path}: {section} item {index} is {item!r}, not an object. "
+                                   "Fix: regenerate it with 'medunet make-datalist TASK_DIR'.")
+            wrong = [key for key in keys if not isinstance(fields.get(key), str) or not fields[key]]
+            wrong += [key for key in ("case",) if key in fields and not isinstance(fields[key], str)]
+            if wrong:
+                raise MedunetError(
+                    f"datalist {path}: {section} item {index} has {', '.join(f'{k}={fields.get(k)!r}' for k in wrong)}; "
+                    "image and label must be path strings relative to the task folder and case a string. "
+                    "Fix: regenerate it with 'medunet make-datalist TASK_DIR'."
+                )
     return datalist
+
+
+def _refuse_outside(datalist_file: str | Path, items: list[dict[str, Any]], section: str, data_root: str | Path) -> None:
+    """Raise ``MedunetError`` for the first path of ``items`` that leads outside ``data_root``."""
+    root = Path(data_root).absolute()
+    for index, item in enumerate(items):
+        fields = {"image": item} if isinstance(item, str) else item
+        for key in ("image", "label"):
+            if key not in fields:
+                continue
+            outside = outside_root(root, resolve_entry(root, fields[key]))
+            if outside is not None:
+                raise MedunetError(
+                    f"datalist {datalist_file}: {section} item {index} ({fields.get('case', fields['image'])}) "
+                    f"{key} {fields[key]!r} leads to {outside}, outside the data root {root}. Fix: list files "
+                    "inside the task folder, relative to it (e.g. imagesTr/<name>), and copy rather than "
+                    "symlink files from elsewhere; or regenerate the datalist with 'medunet make-datalist TASK_DIR'."
+                )
 
 
 def load_fold(
     datalist_file: str | Path, fold: int, data_root: str | Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The (train, val) lists of fold ``fold``, as MONAI data dicts with absolute paths under ``data_root``.
+
+    Raises ``MedunetError`` for an entry that is not a path string or leads outside ``data_root``.
 
     Args:
         datalist_file: a JSON file written by ``write_datalist``.
@@ -197,6 +237,7 @@ def load_fold(
     num_folds = int(datalist.get("num_folds", max(item["fold"] for item in datalist["training"]) + 1))
     if not 0 <= fold < num_folds:
         raise MedunetError(f"fold {fold} does not exist in {datalist_file} (folds 0..{num_folds - 1}). Fix: pick one.")
+    _refuse_outside(datalist_file, datalist["training"], "training", data_root)
     items = load_decathlon_datalist(datalist_file, is_segmentation=True, data_list_key="training", base_dir=data_root)
     if len(items) < num_folds:
         _warn_too_few(str(datalist.get("task", datalist_file)), len(items), num_folds)
@@ -209,6 +250,8 @@ def load_fold(
 def load_test(datalist_file: str | Path, data_root: str | Path) -> list[dict[str, Any]]:
     """The test images of a datalist as ``{"image": abs_path, "case": id}`` dicts (may be empty).
 
+    Raises ``MedunetError`` for an entry that is not a path string or leads outside ``data_root``.
+
     Args:
         datalist_file: a JSON file written by ``write_datalist``.
         data_root: the task folder the relative paths are resolved against.
@@ -216,4 +259,5 @@ def load_test(datalist_file: str | Path, data_root: str | Path) -> list[dict[str
     datalist = read_datalist_json(datalist_file)
     if not datalist.get("test"):
         return []
+    _refuse_outside(datalist_file, datalist["test"], "test", data_root)
     return load_decathlon_datalist(datalist_file, is_segmentation=False, data_list_key="test", base_dir=data_root)

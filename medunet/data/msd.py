@@ -181,6 +181,30 @@ def resolve_entry(root: Path, entry: str) -> Path:
     return Path(os.path.normpath(root / entry))
 
 
+def outside_root(root: Path, path: Path) -> Path | None:
+    """Where ``path`` leads outside ``root``, or None when it stays inside.
+
+    Checked twice: the normalised path (``../x``, an absolute path elsewhere) and, following symbolic links
+    (of the file or of a folder on the way), the real file against the real ``root``; a link to a file elsewhere
+    would let a datalist or ``dataset.json`` train on files outside the task. Returns the normalised path or
+    the link's real target, for the message.
+
+    Args:
+        root: the task folder (data root).
+        path: an absolute path, e.g. from ``resolve_entry``.
+    """
+    def inside(folder: str, candidate: str) -> bool:
+        return os.path.commonpath([folder, candidate]) == folder
+
+    normalised = os.path.normpath(str(path))
+    if not inside(os.path.normpath(str(root)), normalised):
+        return Path(normalised)
+    real = os.path.realpath(normalised)
+    if not inside(os.path.realpath(str(root)), real):
+        return Path(real)
+    return None
+
+
 def _training_case(root: Path, entry: Any, index: int) -> MSDCase:
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
         raise MedunetError(

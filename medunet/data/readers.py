@@ -7,6 +7,10 @@ and come out with the same metadata (RAS ``affine``, ``spatial_shape``, ``origin
 
 ``read_header`` and ``read_array`` are the light-weight readers ``check_task`` uses: header only where the
 format allows it, then the voxels when they are needed.
+
+Every file is checked with ``medunet.integrity.verify_complete`` before it is trusted (ITK reads a gzip cut to
+2/3 of its bytes without an error): ``CheckedNibabelReader`` and ``SimpleITKReader`` inside ``LoadImaged``
+(training and inference), ``read_sitk_image`` and ``read_array`` for ``check_task``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection, PathLike
-from monai.data import ImageReader
+from monai.data import ImageReader, NibabelReader
 from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+from medunet.integrity import IncompleteFileError, nifti_voxel_bytes, verify_complete
+
+__all__ = ["IncompleteFileError", "verify_complete"]  # re-exported: the readers' completeness check
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -64,12 +72,16 @@ def _dicom_series_files(folder: Path) -> list[str]:
 
 
 def read_sitk_image(path: PathLike) -> sitk.Image:
-    """Read any SimpleITK-supported file, or a folder holding one DICOM series, as a ``sitk.Image``."""
+    """Read any SimpleITK-supported file, or a folder holding one DICOM series, as a ``sitk.Image``.
+
+    Files are checked with ``verify_complete`` first: ITK reads some truncated files without an error.
+    """
     path = Path(path)
     if path.is_dir():
         reader = simpleitk().ImageSeriesReader()
         reader.SetFileNames(_dicom_series_files(path))
         return reader.Execute()
+    verify_complete(path)
     return simpleitk().ReadImage(str(path))
 
 
@@ -169,17 +181,41 @@ class SimpleITKReader(ImageReader):
         return np.stack(arrays, axis=0), meta
 
 
+class CheckedNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` that runs ``verify_complete`` on each file first.
+
+    nibabel stops reading a ``.nii.gz`` once it has the voxels, so without the check a file with a damaged
+    end would pass; the check costs a header read and the gzip trailer (no second decompression).
+
+    Args:
+        args, kwargs: passed to ``NibabelReader`` (e.g. ``as_closest_canonical``).
+    """
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs):
+        """Verify then read one file, or several to be stacked as channels (see ``NibabelReader.read``).
+
+        Args:
+            data: a file name or a sequence of them.
+            kwargs: passed to ``nibabel.load``.
+        """
+        for name in ensure_tuple(data):
+            verify_complete(name)
+        return super().read(data, **kwargs)
+
+
 def load_image_transform(keys: KeysCollection, **kwargs) -> LoadImaged:
     """A ``LoadImaged`` that reads NIfTI with nibabel and DICOM/MHA/MHD/NRRD with ``SimpleITKReader``.
 
-    Readers registered last are tried first, by suffix: SimpleITK claims its formats, NIfTI falls
-    through to MONAI's ``NibabelReader``.
+    Readers registered last are tried first, by suffix: SimpleITK claims its formats, NIfTI goes to
+    ``CheckedNibabelReader`` (MONAI's ``NibabelReader`` after ``verify_complete``). Both refuse files cut short
+    with ``IncompleteFileError``.
 
     Args:
         keys: the data keys to load (e.g. ``("image", "label")``).
         kwargs: passed to ``LoadImaged`` (e.g. ``image_only``, ``dtype``).
     """
     loader = LoadImaged(keys, **kwargs)
+    loader.register(CheckedNibabelReader())
     loader.register(SimpleITKReader())
     return loader
 
@@ -223,12 +259,23 @@ def read_array(path: PathLike) -> np.ndarray:
     """Read all voxels of an image file or DICOM folder, x, y, z(, channel) order, stored dtype.
 
     Args:
-        path: an image file or DICOM folder. Raises whatever the underlying reader raises if unreadable.
+        path: an image file or DICOM folder. Raises ``IncompleteFileError`` for a file cut short, whatever the
+            underlying reader raises if unreadable.
     """
     if has_suffix(path, (".nii.gz",)):
         # Decompress the whole stream so a damaged gzip payload or CRC is caught; nibabel alone stops
-        # reading after the voxels it needs and never verifies the checksum.
-        return np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(Path(path).read_bytes())).dataobj)
+        # reading after the voxels it needs and never verifies the checksum. That decompression is also the
+        # completeness check (verify_complete would only repeat it for a multi-member gzip).
+        try:
+            raw = gzip.decompress(Path(path).read_bytes())
+        except EOFError as error:
+            raise IncompleteFileError(path, f"the gzip stream is cut short ({error})") from None
+        image = nib.Nifti1Image.from_bytes(raw)
+        offset, nbytes = nifti_voxel_bytes(image)
+        if len(raw) < offset + nbytes:
+            raise IncompleteFileError(path, f"it decompresses to {len(raw)} bytes, its header needs {offset + nbytes}")
+        return np.asanyarray(image.dataobj)
     if has_suffix(path, NIFTI_SUFFIXES):
+        verify_complete(path)
         return np.asanyarray(nib.load(str(path)).dataobj)
     return _sitk_array(read_sitk_image(path))

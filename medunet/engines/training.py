@@ -72,6 +72,7 @@ from medunet.engines.checkpoint import (
     checkpoint_epoch,
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
+from medunet.engines.guards import NonFiniteLossGuard
 from medunet.errors import MedunetError
 from medunet.tracking.tags import device_description
 
@@ -275,6 +276,7 @@ class SegmentationTraining:
             amp=amp,
             epoch_length=self.epoch_length,
         )
+        NonFiniteLossGuard().attach(trainer)  # a NaN/Inf loss stops the run before the step and the recorder
         resume_objects: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
         if scheduler is not None:
             resume_objects["lr_scheduler"] = scheduler

@@ -119,9 +119,14 @@ def read_image(path: Path, orientation: str | None = None) -> tuple[np.ndarray, 
     """Read an image or label map: the array in (z, y, x) order and its geometry in the same order.
 
     ``orientation`` (e.g. ``"LPS"``) reorients the voxels first, for display; metrics use the file's order.
+    The file is checked with ``verify_complete`` first: ITK reads a cut-short ``.nii.gz`` without an error,
+    and scoring its made-up voxels would be a silently wrong result.
     """
     import SimpleITK as sitk
 
+    from medunet.integrity import verify_complete
+
+    verify_complete(path)  # IncompleteFileError (a MedunetError) names the file and says to re-download it
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
