@@ -67,7 +67,7 @@ def main() -> None:
         *rows,
         "",
         "Before the command modules imported torch, MONAI and MLflow lazily, `medunet --help` took 3.7 s on the "
-        "same 2-core machine (one run, idle) and 3-15 s were reported under load (issue 9).",
+        "same 2-core machine (one run) and 3-15 s were reported under load (issue 9).",
         "",
     ])
     args.out.write_text(text, encoding="utf-8")

@@ -188,7 +188,7 @@ def test_monai_bundle_run_trains_the_demo_config(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(DEMO_WORKFLOW),
                "--dataset_dir", str(task_dir), "--run_dir", str(run_dir), "--network_name", NETWORK,
                "--max_epochs", "1", "--epoch_length", "2", "--phantom_cases", "5", "--patch_size", "[16,16,16]",
-               "--progress", "False"]
+               "--progress", "False", "--generate_phantom", "True"]
     result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

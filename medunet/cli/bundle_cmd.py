@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from medunet.cli.common import input_shape, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     bundle = subparsers.add_parser(
@@ -38,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     onnx.add_argument("source", help="run folder, or a registry name from `medunet networks`")
     onnx.add_argument("out", type=Path, help="the .onnx file to write")
-    onnx.add_argument("--shape", help="input BxCxDxHxW (default for a run: 1xCxROI; required for a name)")
-    onnx.add_argument("--out-channels", type=int, default=2, help="classes for a registry name (default 2)")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    onnx.add_argument("--shape", type=input_shape, help="input BxCxDxHxW (default for a run: 1xCxROI; required for a name)")
+    onnx.add_argument("--out-channels", type=positive_int, default=2, help="classes for a registry name (default 2)")
+    onnx.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     onnx.set_defaults(func=run_export_onnx)
 
 
@@ -64,7 +66,6 @@ def run_export_bundle(args: argparse.Namespace) -> int:
 def run_export_onnx(args: argparse.Namespace) -> int:
     from medunet.bundle.onnx import export_onnx
     from medunet.errors import MedunetError
-    from medunet.profiling import parse_shape
 
     source = Path(args.source)
     if source.is_dir():
@@ -74,13 +75,13 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         run = read_run(source)
         network = run.build_network()
         network.load_state_dict(load_model_weights(source / MODEL_FILE))
-        shape = parse_shape(args.shape) if args.shape else (1, run.preset.in_channels, *run.roi_size)
+        shape = args.shape or (1, run.preset.in_channels, *run.roi_size)
     else:
         from medunet.networks import create_network
 
         if not args.shape:
             raise MedunetError(f"--shape is needed for the registry name {args.source!r}, e.g. --shape 1x1x96x96x96.")
-        shape = parse_shape(args.shape)
+        shape = args.shape
         network = create_network(args.source, spatial_dims=len(shape) - 2, in_channels=shape[1],
                                  out_channels=args.out_channels)
     result = export_onnx(network, args.out, shape, opset=args.opset)

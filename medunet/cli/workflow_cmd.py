@@ -7,8 +7,23 @@ import json
 import logging
 from pathlib import Path
 
+from medunet.cli.common import (
+    add_tracking_arguments,
+    device_name,
+    fraction_0_1,
+    non_negative_int,
+    positive_int,
+    tracking_settings,
+)
 from medunet.errors import MedunetError
-from medunet.tracking import add_tracking_arguments
+
+# Shown in ``medunet train --help`` and the README: what a workflow file is allowed to do.
+WORKFLOWS_ARE_CODE = (
+    "Workflow files are MONAI bundle configs: their '$' values are Python expressions that run when the "
+    "workflow runs (imports, function calls), so run only workflow files you trust, as you would a script. "
+    "--set takes plain JSON values only (numbers, strings, lists, objects, true/false/null); a string starting "
+    "with '$', '@' or '%' is refused: put expressions and references in a workflow file you own instead."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,20 +39,21 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="train a network on one fold of an MSD task (resumes an interrupted run)",
         description="Run a workflow config (workflows/*.json, MONAI bundle style) with the options below as "
         "overrides. Rerunning the same command after a crash resumes from RUN_DIR/checkpoints/checkpoint_last.pt. "
-        "Under torchrun every process runs this command and rank 0 writes.",
+        "Under torchrun every process runs this command and rank 0 writes. " + WORKFLOWS_ARE_CODE,
     )
     parser.add_argument("task_dir", nargs="?", type=Path,
                         help="MSD task folder; picks workflows/<task>.json and sets --data-root (or use --workflow)")
     parser.add_argument("--workflow", type=Path, help="workflow config file (default: the task's, from TASK_DIR)")
     parser.add_argument("--network", help="network name from 'medunet networks' (default: the workflow's)")
-    parser.add_argument("--fold", type=int, help="validation fold of the datalist (default: the workflow's, 0)")
+    parser.add_argument("--fold", type=non_negative_int, help="validation fold of the datalist (default: the workflow's, 0)")
     parser.add_argument("--data-root", type=Path, help="MSD task folder the datalist paths are relative to")
     parser.add_argument("--datalist", type=Path, help="k-fold datalist JSON (default: the workflow's)")
     parser.add_argument("--run-dir", type=Path, help="run folder (default: the workflow's run_dir)")
-    parser.add_argument("--epochs", type=int, help="max_epochs")
+    parser.add_argument("--epochs", type=positive_int, help="max_epochs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any top-level workflow key, VALUE as JSON; repeatable "
-                        "(e.g. --set learning_rate=3e-4 --set epoch_length=50 --set cache='\"disk\"')")
+                        help="override any top-level workflow key, VALUE as plain JSON (no '$' expressions or "
+                        "'@' references); repeatable (e.g. --set learning_rate=3e-4 --set epoch_length=50 "
+                        "--set cache=disk)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=_train)
 
@@ -80,11 +96,13 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
                         help="image files, folders of images (NIfTI/NRRD/MHA), or DICOM series folders")
     parser.add_argument("--output", type=Path, help="output folder (default: RUN_DIR/predictions)")
     parser.add_argument("--checkpoint", default="best", help="'best' (models/model.pt), 'last' or a .pt file")
-    parser.add_argument("--device", help="device for the network (default: cuda when present, else cpu)")
+    parser.add_argument("--device", type=device_name,
+                        help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
     parser.add_argument("--stitch-on-cpu", action="store_true",
                         help="stitch the sliding-window output on the CPU, for volumes that do not fit on the GPU")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--overlap", type=fraction_0_1, default=0.5,
+                        help="sliding-window overlap, in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=_infer)
 
@@ -92,8 +110,11 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
 def _infer(args: argparse.Namespace) -> int:
     import time
 
+    from medunet.checks import check_writable_dir
     from medunet.engines.inference import predict_run
     from medunet.tracking import tracker_from_args
+
+    check_writable_dir(args.output or args.run_dir / "predictions", "--output")
 
     settings = {"run_dir": str(args.run_dir), "inputs": [str(p) for p in args.input], "checkpoint": args.checkpoint,
                 "device": args.device, "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap,
@@ -117,9 +138,13 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         description="Generate a synthetic MRI task (organ + lesion), train on fold 0, predict the held-out cases in their original "
         "space, evaluate them and write the HTML/PDF report.",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="output folder: the phantom task OUT/Task91_PhantomMRI, made once and reused, and the "
+                        "run (default runs/demo)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="run folder (default OUT/run); a new one trains another network on the same phantom")
     parser.add_argument("--network", help="network name from 'medunet networks' (default: the demo workflow's)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo workflow's)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the demo workflow's)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=_demo)
 
@@ -127,15 +152,5 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from medunet.engines.demo import run_demo
 
-    run_demo(args.out, network=args.network, epochs=args.epochs, **tracking_settings(args))
+    run_demo(args.out, network=args.network, epochs=args.epochs, run_dir=args.run_dir, **tracking_settings(args))
     return 0
-
-
-def tracking_settings(args: argparse.Namespace) -> dict[str, object]:
-    """Workflow keys for the ``--tracking-uri/--experiment/--no-tracking`` options (None: the workflow's)."""
-    settings: dict[str, object] = {"experiment": args.experiment}
-    if args.tracking_uri:
-        settings["tracking_uri"] = args.tracking_uri
-    if args.no_tracking:
-        settings["tracking"] = False
-    return settings

@@ -101,18 +101,38 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """``["learning_rate=3e-4", "cache=none"]`` -> ``{"learning_rate": 0.0003, "cache": "none"}`` (JSON values,
     else strings).
 
+    Values are data only. Workflow files are MONAI bundle configs whose ``$`` strings are Python expressions
+    (``@`` references, ``%`` macros): that is code you choose to run by choosing the file, so it belongs in a
+    workflow file, not in a command-line value. A string starting with ``$``, ``@`` or ``%``, anywhere in
+    the value (lists and objects included), is refused.
+
     Args:
         pairs: ``KEY=VALUE`` strings; VALUE is parsed as JSON when it can be.
     """
+
+    def code_in(value: Any) -> str | None:  # the first string MONAI's ConfigParser would evaluate or resolve
+        if isinstance(value, str):
+            return value if value[:1] in ("$", "@", "%") else None
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+        return next((found for found in map(code_in, items) if found is not None), None)
+
     settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MedunetError(f"--set {pair!r} is not KEY=VALUE. Fix: e.g. --set learning_rate=3e-4.")
         try:
-            settings[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            settings[key] = value
+            parsed = value
+        code = code_in(parsed)
+        if code is not None:
+            raise MedunetError(
+                f"--set {key}: {code!r} is a MONAI config expression or reference ('$', '@', '%'); --set takes "
+                "plain JSON values only (numbers, strings, lists, objects, true/false/null). Fix: copy the "
+                "workflow file, write the expression there, and pass --workflow YOUR_COPY.json."
+            )
+        settings[key] = parsed
     return settings
 
 

@@ -13,29 +13,44 @@ from medunet.data import load_fold, make_phantom_task, write_datalist
 from medunet.engines.checkpoint import MODEL_FILE
 from medunet.engines.config import WORKFLOWS_DIR, build_overrides, run_workflow
 from medunet.engines.inference import PREDICTIONS_DIR, predict_run
+from medunet.errors import MedunetError
 from medunet.evaluation import evaluate_folders
 from medunet.evaluation.cases import case_name
 from medunet.evaluation.provenance import file_sha256
 from medunet.tracking import Tracker
 
 PHANTOM_DATALIST = "folds.json"
+#: The demo's task folder inside ``--out`` (``runs/demo/Task91_PhantomMRI``), made once and reused.
+PHANTOM_TASK = "Task91_PhantomMRI"
 
 
 def prepare_phantom(
-    task_dir: str | Path, num_cases: int = 10, kind: str = "mri", size: tuple[int, int, int] = (48, 48, 32), seed: int = 0
+    task_dir: str | Path, num_cases: int = 10, kind: str = "mri", size: tuple[int, int, int] = (48, 48, 32),
+    seed: int = 0, generate: bool = True,
 ) -> Path:
-    """Write a phantom task and its 5-fold datalist ``TASK_DIR/folds.json`` unless they exist; return the datalist.
+    """Write the 5-fold datalist ``TASK_DIR/folds.json`` unless it exists, and the phantom task itself when
+    ``generate`` and the folder has no ``dataset.json``; return the datalist.
+
+    The phantom workflow calls this with its ``generate_phantom`` key (false unless ``medunet demo`` or the
+    user sets it), so a mistyped ``--data-root`` is an error rather than a new synthetic task.
 
     Args:
-        task_dir: the task folder to create (e.g. ``runs/demo/Task91_PhantomMRI``).
+        task_dir: the task folder (e.g. ``runs/demo/Task91_PhantomMRI``).
         num_cases: labelled cases (5 folds: with 10 cases, 8 train and 2 validate).
         kind: ``"ct"`` or ``"mri"``.
         size: voxels per axis.
         seed: phantom seed.
+        generate: write a phantom task when ``task_dir`` has no ``dataset.json`` (else that is an error).
     """
     task_dir = Path(task_dir)
     datalist = task_dir / PHANTOM_DATALIST
     if not (task_dir / "dataset.json").is_file():
+        if not generate:
+            raise MedunetError(
+                f"data root {task_dir} has no dataset.json. Fix: point --data-root (dataset_dir) at an MSD task "
+                "folder, or generate a phantom there with 'medunet make-phantom DIR --kind mri' (or set "
+                "generate_phantom to true)."
+            )
         make_phantom_task(task_dir, kind=kind, num_cases=num_cases, num_test=1, size=size, seed=seed)
     if not datalist.is_file():
         write_datalist(task_dir, out=datalist, num_folds=5, seed=seed)
@@ -47,31 +62,37 @@ def run_demo(
     network: str | None = None,
     epochs: int | None = None,
     progress: bool = True,
+    run_dir: str | Path | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Phantom -> train (``workflows/phantom_demo.json``) -> predict the held-out fold -> evaluate and report.
 
     Args:
-        out_dir: everything goes here: ``Task91_PhantomMRI/`` (the data) and ``run/`` (the run folder).
+        out_dir: everything goes here: ``Task91_PhantomMRI/`` (the data, generated once and reused) and ``run/``
+            (the run folder).
         network: a registry name; default the workflow's.
         epochs: training epochs; default the workflow's.
         progress: show progress bars.
+        run_dir: the run folder; default ``OUT_DIR/run``. Another one trains another network on the same data.
         settings: other workflow keys to override (e.g. ``epoch_length=2`` for a smoke test).
 
     Returns:
         ``{"training": <run summary>, "predictions": [...], "dice": {label name: mean Dice}, "report": path, ...}``.
     """
     out_dir = Path(out_dir)
-    task_dir, run_dir = out_dir / "Task91_PhantomMRI", out_dir / "run"
+    task_dir = out_dir / PHANTOM_TASK
+    run_dir = Path(run_dir) if run_dir is not None else out_dir / "run"
     start = time.perf_counter()
     overrides = build_overrides(network=network, data_root=task_dir, run_dir=run_dir, epochs=epochs,
-                                settings={"progress": progress, **settings})
+                                settings={"progress": progress, "generate_phantom": True, **settings})
     results = run_workflow(WORKFLOWS_DIR / "phantom_demo.json", overrides)
     training = next(r for r in results if isinstance(r, dict) and "run_dir" in r)
 
     _, held_out = load_fold(task_dir / PHANTOM_DATALIST, 0, task_dir)
     pred_dir = run_dir / PREDICTIONS_DIR
+    inference_start = time.perf_counter()
     predictions = predict_run(run_dir, [item["image"] for item in held_out], pred_dir, progress=progress)
+    inference_seconds = time.perf_counter() - inference_start
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = run_dir / MODEL_FILE
     provenance = {
@@ -83,6 +104,7 @@ def run_demo(
         "fold": f"{config['fold']} (held out from training)",
         "inferer": "SlidingWindowInferer, Gaussian, overlap 0.5",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "inference_runtime_s": round(inference_seconds, 2),
     }
     evaluation = evaluate_folders(pred_dir, task_dir / "labelsTr", run_dir / "evaluation",
                                   dataset_json=task_dir / "dataset.json", provenance=provenance,

@@ -52,6 +52,7 @@ from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
 import medunet
+from medunet.checks import check_choice, check_device, check_int, check_number, check_writable_dir
 from medunet.data import (
     TaskPreset,
     assert_task_ok,
@@ -165,8 +166,30 @@ class SegmentationTraining:
         experiment: str = "medunet",
         profile_memory: bool = True,
     ) -> None:
-        if max_epochs < 1 or val_interval < 1:
-            raise MedunetError(f"max_epochs ({max_epochs}) and val_interval ({val_interval}) must be at least 1.")
+        # Every setting is checked here, before data or engines are built: a bad value fails at once with one line
+        # naming the workflow key (set with --set KEY=VALUE), not after an epoch (sw_overlap) or inside torch.
+        for key, value, minimum in (("max_epochs", max_epochs, 1), ("val_interval", val_interval, 1),
+                                    ("batch_size", batch_size, 1), ("num_samples", num_samples, 1),
+                                    ("sw_batch_size", sw_batch_size, 1), ("fold", fold, 0),
+                                    ("num_workers", num_workers, 0), ("early_stop_patience", early_stop_patience, 0)):
+            check_int(value, key, minimum, fix=f"Fix: --set {key}={max(minimum, 1)}, or edit the workflow file.")
+        if epoch_length is not None:
+            check_int(epoch_length, "epoch_length", 1, fix="Fix: --set epoch_length=50 (null: one pass over the data).")
+        check_number(sw_overlap, "sw_overlap", 0.0, 1.0, fix="Fix: --set sw_overlap=0.25.")
+        check_choice(cache, "cache", ("memory", "disk", "none"), fix="Fix: --set cache=memory (or disk, none).")
+        if patch_size is not None:
+            sizes = list(patch_size) if isinstance(patch_size, (list, tuple)) else [patch_size]
+            if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+                raise MedunetError(f"patch_size is {patch_size!r}; it must be a list of positive whole numbers, one "
+                                   "per spatial axis. Fix: e.g. --set patch_size=[96,96,96].")
+        check_device(device, "device")
+        # The workflows pass the optimizer as a partial (``"_mode_": "callable"``) holding lr=@learning_rate.
+        lr = optimizer.defaults.get("lr") if isinstance(optimizer, torch.optim.Optimizer) else (
+            getattr(optimizer, "keywords", None) or {}).get("lr")
+        if lr is not None and not isinstance(lr, torch.Tensor):
+            check_number(lr, "learning_rate (the optimizer's lr)", 0.0, None, low_open=True,
+                         fix="Fix: --set learning_rate=1e-3.")
+        check_writable_dir(run_dir, "run_dir")  # a read-only or full disk fails now, not at the first checkpoint
         self.run_dir = Path(run_dir)
         self.dataset_dir = Path(dataset_dir)
         self.datalist = Path(datalist)

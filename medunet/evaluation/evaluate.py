@@ -140,9 +140,18 @@ def evaluate_folders(
         if not pairs:
             raise MedunetError(f"none of the {len(wanted)} requested case(s) has a reference in {ref_dir}")
     problems += [f"prediction without reference (ignored): {name}" for name in extra]
-    problems += [f"missing prediction: {pair.name}" for pair in pairs if pair.pred_file is None]
-    if skip_missing:
+    missing = [pair.name for pair in pairs if pair.pred_file is None]
+    skipped = "none"
+    if skip_missing:  # left out on request: one summary line, not one problem per case
         pairs = [pair for pair in pairs if pair.pred_file is not None]
+        if not pairs:
+            raise MedunetError(f"no reference in {ref_dir} has a prediction in {pred_dir} (--skip-missing leaves "
+                               "them all out). Fix: check --pred; predictions are matched by file name.")
+        if missing:
+            examples = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            skipped = f"{len(missing)} reference(s) without a prediction left out (--skip-missing): {examples}"
+    else:
+        problems += [f"missing prediction: {name}" for name in missing]
     label_names, dataset_json = _resolve_labels(labels, dataset_json, ref_dir)
 
     outcomes = _run_cases(pairs, label_names, tolerance_mm, workers, progress)
@@ -161,7 +170,7 @@ def evaluate_folders(
         "dataset_json": str(dataset_json) if dataset_json else "none (labels from the references)",
         "n_cases": len(outcomes),
         "nsd_tolerance_mm": {name: tolerance_for(v, name, tolerance_mm) for v, name in label_names.items()},
-        "missing_predictions": "skipped" if skip_missing else "scored as failures",
+        "missing_predictions": skipped if skip_missing else "scored as failures",
         "runtime_s": round(time.perf_counter() - start, 2),
         "peak_memory_mb": peak_memory_mb(),
     }
