@@ -17,6 +17,7 @@ from medunet.cli import build_parser, main
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
+from medunet.run_folder import CONFIG_FILE
 
 WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
 NETWORKS = ["lunet_small_2f", "unet_small_2f"]
@@ -47,7 +48,7 @@ def test_run_accuracy_trains_each_network_and_scores_dice_per_label(first_run: d
         run_dir = out / "runs" / row["network"]
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["finished"] and len(metrics["epochs"]) == 1
-        assert row["params"] == json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["network"]["parameters"] > 0
+        assert row["params"] == json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["network"]["parameters"] > 0
         assert {key for key in row if key.startswith("dice_")} == {"dice_organ", "dice_lesion"}
         assert all(0.0 <= row[key] <= 1.0 for key in ("mean_dice", "dice_organ", "dice_lesion"))
         assert row["mean_dice"] == pytest.approx(metrics["epochs"][-1]["val_mean_dice"])

@@ -21,6 +21,7 @@ from medunet.engines import SegmentationTraining
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.networks import create_network
+from medunet.run_folder import CONFIG_FILE
 from tests.bundle_helpers import monai_bundle
 
 pytestmark = pytest.mark.slow  # a short real training run and monai.bundle subprocesses
@@ -130,7 +131,7 @@ def test_bundle_preprocessing_matches_medunets_validation_chain(exported: dict[s
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(MedunetError, match="config.json does not exist"):
         read_run(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"task": "PhantomCT", "network": {"name": NETWORK}}), encoding="utf-8")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"task": "PhantomCT", "network": {"name": NETWORK}}), encoding="utf-8")
     with pytest.raises(MedunetError, match="models/model.pt does not exist"):
         read_run(tmp_path)
 

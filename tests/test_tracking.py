@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 
 from medunet.cli import main
 from medunet.evaluation import evaluate_folders
+from medunet.run_folder import CONFIG_FILE
 from medunet.tracking import MLflowTrackingHandler, Tracker, local_store_uri
 
 SERVER_START_TIMEOUT_S = 180
@@ -178,7 +179,7 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
     pred_dir, ref_dir = write_label_folders(tmp_path / "eval_data")
     evaluation = evaluate_folders(pred_dir, ref_dir, tmp_path / "evaluation", labels={1: "left", 2: "right"},
                                   report=False, workers=1, progress=False)
-    config_file = tmp_path / "config.json"
+    config_file = tmp_path / CONFIG_FILE
     config_file.write_text(json.dumps({"network": {"name": "lunet_small_2f", "features": 2}, "fold": 1}), encoding="utf-8")
 
     with Tracker(run_name="local") as tracker:
@@ -211,7 +212,7 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
     assert tags["mlflow.source.git.commit"] and tags["version.mlflow"] and tags["device"] == "cpu"
     assert {"host", "command", "version.torch", "version.monai", "version.pytorch-ignite", "git_dirty"} <= set(tags)
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "evaluation", "evaluation_copy"} <= artifacts
+    assert {CONFIG_FILE, "evaluation", "evaluation_copy"} <= artifacts
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert logged == {"evaluation/summary.json", "evaluation/cases.csv"}
     assert list((tmp_path / "mlruns" / "artifacts").rglob("cases.csv"))  # artifacts beside the database
@@ -270,7 +271,7 @@ def test_training_logged_over_http_to_a_real_server(mlflow_server, tmp_path, cap
     assert run.data.tags["mlflow.runName"] == "http_run" and "version.monai" in run.data.tags
     downloaded = client.download_artifacts(run_id, "models/model.pt", str(tmp_path / "download"))
     assert torch.load(downloaded, weights_only=True).keys() == torch.load(run_dir / "models" / "model.pt").keys()
-    assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text(encoding="utf-8"))["fold"] == 0
+    assert json.loads(Path(client.download_artifacts(run_id, CONFIG_FILE, str(tmp_path))).read_text(encoding="utf-8"))["fold"] == 0
 
 
 def test_server_dying_mid_run_moves_everything_to_the_fallback_store(mlflow_server, tmp_path, caplog):

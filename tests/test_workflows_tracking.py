@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from medunet.cli import main
 from medunet.engines.demo import prepare_phantom
+from medunet.run_folder import CONFIG_FILE
 from tests.test_workflows_training import cli_args, tiny_settings
 
 
@@ -34,7 +35,7 @@ def test_train_command_tracks_config_epochs_model_facts_and_checkpoint(tiny_task
     assert run.data.metrics["model_params"] == float(run.data.params["network.parameters"])
     assert run.data.metrics["skip_memory_mb"] > 0 and run.data.metrics["latency_ms"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"models", "metrics.csv", "config.json"} <= artifacts
+    assert {"models", "metrics.csv", CONFIG_FILE} <= artifacts
 
 
 def test_no_tracking_leaves_the_store_untouched(tiny_task: Path, tmp_path: Path) -> None:

@@ -14,14 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine
+from mlflow.tracking import MlflowClient
 from monai.handlers import CheckpointLoader
 
 from medunet.cli import main
 from medunet.engines import run_workflow
 from medunet.engines.checkpoint import checkpoint_epoch
 from medunet.engines.demo import prepare_phantom
+from medunet.errors import MedunetError
 from medunet.networks import create_network
 from medunet.paths import REPO_ROOT
+from medunet.run_folder import CONFIG_FILE
 
 DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
 NETWORK = "lunet_small_4f"
@@ -89,24 +92,30 @@ def test_training_writes_bundle_layout_checkpoints_metrics_and_config(tiny_task:
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2] and metrics["best_epoch"] in (1, 2)
 
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     assert config["network"]["name"] == NETWORK and config["network"]["args"]["out_channels"] == 3
     assert config["fold"] == 0 and Path(config["dataset_dir"]) == tiny_task.resolve()
     assert config["preset"]["patch_size"] == [16, 16, 16]
     workflow = json.loads((run_dir / "workflow.json").read_text(encoding="utf-8"))
     assert workflow["network_name"] == NETWORK and workflow["max_epochs"] == 2
 
-    # Rerunning a finished run trains nothing and rewrites nothing.
-    before = (run_dir / "metrics.csv").read_text(encoding="utf-8")
-    (again,) = run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir))
+    # Rerunning a finished run trains nothing and rewrites nothing, whatever else it is given.
+    records = ("metrics.csv", "metrics.json", CONFIG_FILE, "workflow.json", "checkpoints/checkpoint_last.pt")
+    before = {name: (run_dir / name).read_bytes() for name in records}
+    (again,) = run_workflow(DEMO_WORKFLOW, {**tiny_settings(tiny_task, run_dir), "learning_rate": 0.5})
     assert again["finished"] and again["resumed_from_epoch"] == 2
-    assert (run_dir / "metrics.csv").read_text(encoding="utf-8") == before
+    assert {name: (run_dir / name).read_bytes() for name in records} == before
+    # A refused rerun (another network in this run folder) does not touch it either.
+    with pytest.raises(MedunetError, match="holds a run of"):
+        run_workflow(DEMO_WORKFLOW, {**tiny_settings(tiny_task, run_dir), "network_name": "lunet_small_2f"})
+    assert {name: (run_dir / name).read_bytes() for name in records} == before
 
 
 def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     settings = tiny_settings(tiny_task, run_dir, epochs=3, epoch_length=8)
-    command = [sys.executable, "-m", "medunet", *cli_args(settings)]
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    command = [sys.executable, "-m", "medunet", *cli_args(settings), "--tracking-uri", uri, "--experiment", "resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics_file = run_dir / "metrics.json"
@@ -134,12 +143,19 @@ def test_sigkill_mid_epoch_then_rerun_resumes_from_last_checkpoint(tiny_task: Pa
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3] and metrics["finished"]
     resume = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", weights_only=True)
     assert checkpoint_epoch(resume) == 3
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     assert config["resumed_from_epoch"] == killed_at
     # Each session is kept, so a run resumed on another machine still says where its first epochs ran.
     assert [session["from_epoch"] for session in config["sessions"]] == [1, killed_at + 1]
     assert all(session["device_name"].startswith("CPU") for session in config["sessions"])
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
+    # The resumed session continued the killed session's MLflow run: one run, finished, every epoch in it.
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2, 3]
+    # Temporary files of writes the kill interrupted are gone.
+    assert not [path for path in run_dir.rglob(".tmp*") if path.is_file()]
 
 
 def test_torchrun_two_cpu_processes_on_gloo_give_a_loadable_checkpoint(tiny_task: Path, tmp_path: Path) -> None:
@@ -151,7 +167,7 @@ def test_torchrun_two_cpu_processes_on_gloo_give_a_loadable_checkpoint(tiny_task
                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tiny_network().load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True)["model"])
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     assert config["world_size"] == 2 and config["device"] == "cpu"
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["finished"] and metrics["epochs"][0]["val_mean_dice"] is not None

@@ -24,7 +24,6 @@ Commands (from the repository root, with ``../shared/data/Task04_Hippocampus`` i
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -37,10 +36,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medunet.engines.checkpoint import METRICS_JSON
-from medunet.engines.config import WORKFLOW_COPY, build_overrides, load_workflow, run_workflow
+from medunet.engines.config import build_overrides, load_workflow, run_workflow
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
+from medunet.run_folder import (
+    METRICS_JSON,
+    WORKFLOW_FILE,
+    RunRecord,
+    read_json_file,
+    read_run_record,
+)
 
 #: One recipe for every network (workflow overrides): DiceCE loss, AdamW (lr 1e-3, weight decay 1e-5),
 #: polynomial learning-rate decay (power 0.9, stepped per epoch), 20 epochs x 200 iterations of 2 images
@@ -192,16 +197,16 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         run_dir: a run folder written by the training workflow.
     """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    metrics = json.loads((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
+    record = read_run_record(run_dir)
+    metrics = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics") or {"epochs": []}
     validated = [row for row in metrics["epochs"] if row.get("val_mean_dice") is not None]
     if not validated:
         raise MedunetError(f"{run_dir}/{METRICS_JSON} has no validated epoch; the run cannot be scored. "
                            "Fix: delete the folder and rerun the bench.")
     last = validated[-1]
     row: dict[str, Any] = {
-        "network": config["network"]["name"],
-        "params": config["network"]["parameters"],
+        "network": record.network.name,
+        "params": record.network.parameters,
         "mean_dice": float(last["val_mean_dice"]),
     }
     for key, value in last.items():
@@ -213,7 +218,7 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         best_epoch=metrics.get("best_epoch"),
         epochs=len(metrics["epochs"]),
         train_seconds=round(sum(r.get("epoch_seconds") or 0.0 for r in metrics["epochs"]), 1),
-        trained_on=_trained_on(config),
+        trained_on=_trained_on(record),
         run_dir=str(run_dir),
     )
     return row
@@ -260,29 +265,27 @@ def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[st
                            "the bench: finished runs are reused and unfinished ones resume.")
 
 
-def _trained_on(config: Mapping[str, Any]) -> str:
+def _trained_on(record: RunRecord) -> str:
     """Where a run trained, e.g. ``NVIDIA H100 80GB HBM3, amp, torch 2.11.0``: training time depends on it.
     A run resumed on another machine names each session with its first epoch."""
-    sessions = config.get("sessions") or [{"from_epoch": 1, "device_name": config.get("device_name") or config.get("device"),
-                                           "amp": config.get("amp"), "torch": config.get("versions", {}).get("torch")}]
-    described = [", ".join([s.get("device_name") or "unknown device", *(["amp"] if s.get("amp") else []),
-                            f"torch {s.get('torch') or '?'}"]) for s in sessions]
+    sessions = record.sessions
+    described = [", ".join([s.device_name or "unknown device", *(["amp"] if s.amp else []),
+                            f"torch {s.torch or '?'}"]) for s in sessions]
     if len(set(described)) == 1:
         return described[0]
-    return "; ".join(f"epochs {s['from_epoch']}+: {text}" for s, text in zip(sessions, described))
+    return "; ".join(f"epochs {s.from_epoch}+: {text}" for s, text in zip(sessions, described))
 
 
 def _finished(run_dir: Path) -> bool:
-    path = run_dir / METRICS_JSON
-    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("finished"))
+    metrics = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics")
+    return bool(metrics and metrics.get("finished"))
 
 
 def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
     """Refuse a run folder trained (or begun) with another recipe, network, fold or data."""
-    copy = run_dir / WORKFLOW_COPY
-    if not copy.is_file():
+    before = read_json_file(run_dir / WORKFLOW_FILE, "the workflow the run was trained with")
+    if before is None:
         return
-    before = json.loads(copy.read_text(encoding="utf-8"))
     changed = sorted(key for key in overrides
                      if (key in RECIPE or key in _IDENTITY_KEYS) and before.get(key) != overrides[key])
     if changed:

@@ -56,10 +56,9 @@ def preprocessing_config(preset: TaskPreset, keys: Sequence[str]) -> list[dict[s
 
 
 def network_def_config(run: TrainedRun) -> dict[str, Any]:
-    """``network_def``: ``medunet.networks.create_network`` with the registry name, or the class with its args."""
-    if run.network_name is not None:
-        return {"_target_": "medunet.networks.create_network", "name": run.network_name, **run.network_args}
-    return {"_target_": run.network_class, **run.network_args}
+    """``network_def``: ``medunet.networks.create_network`` with the registry name and the run's arguments."""
+    # network_args are plain data (checked when the run was read); "name" cannot be overridden by them.
+    return {"_target_": "medunet.networks.create_network", **run.network_args, "name": run.network_name}
 
 
 def load_template(name: str) -> dict[str, Any]:

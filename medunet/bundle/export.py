@@ -30,9 +30,9 @@ from medunet.bundle.card import DEFAULT_LICENSE, model_card
 from medunet.bundle.configs import CONFIG_NAMES, bundle_configs
 from medunet.bundle.metadata import build_metadata, validate_metadata
 from medunet.bundle.run import MODEL_FILE, TrainedRun, read_metrics, read_run
-from medunet.engines.checkpoint import load_model_weights
 from medunet.errors import MedunetError
 from medunet.profiling import profile
+from medunet.run_folder import check_literal
 
 MIB = 2**20
 
@@ -146,26 +146,20 @@ def export_bundle(
     if license_file is not None and not Path(license_file).is_file():
         raise MedunetError(f"license file {license_file} does not exist. Fix: pass an existing file or leave it out.")
 
-    network = run.build_network()
-    weights = load_model_weights(run.run_dir / MODEL_FILE)
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as error:
-        raise MedunetError(
-            f"{run.run_dir / MODEL_FILE} does not fit the network in {run.run_dir / 'config.json'} "
-            f"({run.network_name or run.network_class} {run.network_args}): {str(error)[:300]}. "
-            "Fix: make config.json's network match the run that wrote the weights."
-        ) from None
-    network.eval()
+    network = run.load_network()
 
     efficiency = measure_efficiency(run, network, memory=memory)
     metrics = read_metrics(run)
-    name = name or f"{run.preset.name} {run.network_name or run.network_class.rsplit('.', 1)[-1]}"
+    name = name or f"{run.preset.name} {run.network_name}"
     metadata = build_metadata(run, efficiency, metrics, name=name, version=version, authors=authors,
                               copyright=copyright, intended_use=intended_use)
+    configs = bundle_configs(run, dataset_dir=dataset_dir)
+    # Defence in depth: the metadata is built from plain data only, so it must hold no expression or reference
+    # (MONAI's ConfigParser reads it beside the configs).
+    check_literal(metadata, "the bundle's metadata.json")
 
     _write_json(metadata, out_dir / "configs" / "metadata.json")
-    for config_name, config in bundle_configs(run, dataset_dir=dataset_dir).items():
+    for config_name, config in configs.items():
         _write_json(config, out_dir / "configs" / f"{config_name}.json")
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     torch.save({"model": network.state_dict()}, out_dir / MODEL_FILE)

@@ -14,7 +14,7 @@ import sys
 
 from medunet.checks import WRITE_FIXES, write_problem
 from medunet.cli.common import OneLineParser
-from medunet.errors import MedunetError
+from medunet.errors import MedunetError, user_error_inside
 
 # Each module defines ``register(subparsers)`` that adds its sub-command(s) and sets ``func``.
 COMMAND_MODULES = (
@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medunet {args.command}: error: {error}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as error:
-        # A full disk, a read-only or forbidden folder; MONAI's config evaluation wraps it in a RuntimeError.
+        # MONAI wraps errors raised inside a transform chain or a config evaluation in a RuntimeError: a
+        # medunet error inside (a truncated file met by LoadImaged) is still the user's, printed as one line;
+        # so is a full disk, a read-only or forbidden folder.
+        user_error = user_error_inside(error)
+        if user_error is not None:
+            print(f"medunet {args.command}: error: {user_error}", file=sys.stderr)
+            return 2
         os_error = _os_error_inside(error)
         if os_error is None:
             raise

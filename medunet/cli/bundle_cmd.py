@@ -69,12 +69,10 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if source.is_dir():
-        from medunet.bundle.run import MODEL_FILE, read_run
-        from medunet.engines.checkpoint import load_model_weights
+        from medunet.bundle.run import read_run
 
         run = read_run(source)
-        network = run.build_network()
-        network.load_state_dict(load_model_weights(source / MODEL_FILE))
+        network = run.load_network()
         shape = args.shape or (1, run.preset.in_channels, *run.roi_size)
     else:
         from medunet.networks import create_network

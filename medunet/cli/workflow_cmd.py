@@ -103,6 +103,8 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlap", type=fraction_0_1, default=0.5,
                         help="sliding-window overlap, in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="predict again the cases whose OUT/<case>.nii.gz exists (default: skip them)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=_infer)
 
@@ -111,22 +113,27 @@ def _infer(args: argparse.Namespace) -> int:
     import time
 
     from medunet.checks import check_writable_dir
-    from medunet.engines.inference import predict_run
+    from medunet.engines.inference import plan_outputs, predict_run
     from medunet.tracking import tracker_from_args
 
     check_writable_dir(args.output or args.run_dir / "predictions", "--output")
+    plan_outputs(args.input, args.output or args.run_dir / "predictions")  # refuse overwriting inputs up front
 
     settings = {"run_dir": str(args.run_dir), "inputs": [str(p) for p in args.input], "checkpoint": args.checkpoint,
                 "device": args.device, "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap,
-                "sw_batch_size": args.sw_batch_size}
+                "sw_batch_size": args.sw_batch_size, "overwrite": args.overwrite}
     with tracker_from_args(args, args.output or args.run_dir / "predictions", tags={"kind": "infer"}) as tracker:
         tracker.log_params({"infer": settings})
         start = time.perf_counter()
         written = predict_run(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device,
-                              stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+                              stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                              overwrite=args.overwrite)
         tracker.log_metrics({"infer_cases": len(written), "infer_seconds": time.perf_counter() - start})
     out = written[0].parent if written else args.output
-    print(f"wrote {len(written)} prediction(s) to {out}")
+    print(f"wrote {len(written.written)} prediction(s) to {out}")
+    if written.skipped:
+        print(f"skipped {len(written.skipped)} case(s) whose prediction already exists in {out} "
+              "(pass --overwrite to predict them again)")
     return 0
 
 

@@ -17,8 +17,11 @@ Where the numbers come from:
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from medunet.data.msd import MSDTask
 from medunet.errors import MedunetError
@@ -61,6 +64,68 @@ class TaskPreset:
     def is_ct(self) -> bool:
         """Whether the preset windows Hounsfield units."""
         return self.modality == "CT"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (label keys as strings), read back by :meth:`from_dict`."""
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "labels": {str(value): name for value, name in self.labels.items()},
+            "in_channels": self.in_channels,
+            "target_spacing": list(self.target_spacing) if self.target_spacing is not None else None,
+            "patch_size": list(self.patch_size),
+            "ct_window": list(self.ct_window) if self.ct_window is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "preset") -> TaskPreset:
+        """Validate and build a preset from :meth:`to_dict`'s data (a run record, a plan file).
+
+        Args:
+            raw: the seven fields; labels as ``{"0": "background", ...}``.
+            source: the file it was read from, for messages.
+        """
+        def fail(key: str, value: Any, expected: str) -> MedunetError:
+            return MedunetError(f"{source}: preset {key} is {value!r}; {expected}. Fix: correct it.")
+
+        def numbers(key: str, length: int | None, integer: bool = False, positive: bool = True) -> tuple | None:
+            value = raw.get(key)
+            if value is None:
+                return None
+            plain = isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            if (not plain or (length is not None and len(value) != length)
+                    or (positive and any(v <= 0 for v in value))
+                    or (integer and any(not float(v).is_integer() for v in value))):
+                kind = "positive integers" if integer else "positive numbers" if positive else "numbers"
+                raise fail(key, value, f"expected {length or 'a list of'} {kind}")
+            return tuple(int(v) if integer else float(v) for v in value)
+
+        name = raw.get("name")
+        if not isinstance(name, str) or not name or name.startswith(("$", "@", "%")):
+            raise fail("name", name, "expected a task name")
+        labels_raw = raw.get("labels")
+        if not isinstance(labels_raw, Mapping) or not labels_raw:
+            raise fail("labels", labels_raw, 'expected {"0": "background", "1": ...}')
+        labels: dict[int, str] = {}
+        for value, label in labels_raw.items():
+            if not str(value).isdigit() or not isinstance(label, str) or label.startswith(("$", "@", "%")):
+                raise fail("labels", {value: label}, "expected non-negative integer values and plain names")
+            labels[int(value)] = label
+        if 0 not in labels:
+            raise fail("labels", labels_raw, "label 0 (background) is missing")
+        channels = raw.get("in_channels")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise fail("in_channels", channels, "expected an integer >= 1")
+        patch = numbers("patch_size", None, integer=True)
+        if patch is None or len(patch) not in (2, 3):
+            raise fail("patch_size", raw.get("patch_size"), "expected 2 or 3 positive integers")
+        spacing = numbers("target_spacing", len(patch))
+        window = numbers("ct_window", 2, positive=False)
+        if window is not None and window[0] >= window[1]:
+            raise fail("ct_window", list(window), "expected [low, high] with low < high")
+        return cls(name=name, modality=str(raw.get("modality")), labels=labels, in_channels=channels,
+                   target_spacing=spacing, patch_size=patch, ct_window=window)
 
 
 def _labels(*names: str) -> dict[int, str]:

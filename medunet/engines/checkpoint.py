@@ -22,7 +22,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,27 +30,10 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-MODEL_FILE = "models/model.pt"
-LAST_MODEL_FILE = "models/model_last.pt"
-RESUME_FILE = "checkpoints/checkpoint_last.pt"
-METRICS_CSV = "metrics.csv"
-METRICS_JSON = "metrics.json"
+from medunet.atomic import atomic_write_text, replace_atomically
+from medunet.run_folder import LAST_MODEL_FILE, METRICS_CSV, METRICS_JSON, MODEL_FILE, RESUME_FILE  # noqa: F401
+
 KEY_METRIC = "val_mean_dice"
-
-
-def _replace_atomically(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -61,17 +43,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         obj: what to save (state dicts, tensors, plain Python values).
         path: the destination file; its folder is created.
     """
-    _replace_atomically(Path(path), lambda file: torch.save(obj, file))
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically.
-
-    Args:
-        text: the content.
-        path: the destination file; its folder is created.
-    """
-    _replace_atomically(Path(path), lambda file: file.write(text.encode("utf-8")))
+    replace_atomically(path, lambda file: torch.save(obj, file))
 
 
 def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

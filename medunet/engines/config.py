@@ -22,7 +22,6 @@ option              key                    note
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,11 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 from medunet.data import load_task, preset_for_task
-from medunet.engines.checkpoint import atomic_write_text
-from medunet.errors import MedunetError
+from medunet.errors import MedunetError, user_error_inside
 from medunet.paths import REPO_ROOT
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 NETWORK_DEF = "$create_network(@network_name, **@network_args)"
-WORKFLOW_COPY = "workflow.json"
 
 
 def list_workflows() -> list[Path]:
@@ -163,8 +160,8 @@ def load_workflow(config_file: str | Path, overrides: Mapping[str, Any] | None =
 def run_workflow(
     config_file: str | Path, overrides: Mapping[str, Any] | None = None, run_id: str = "run"
 ) -> list[Any]:
-    """Run a workflow as ``python -m monai.bundle run`` does (``initialize``, ``run``, ``finalize``), after
-    saving the merged config as ``RUN_DIR/workflow.json`` (rank 0) so the run can be repeated with
+    """Run a workflow as ``python -m monai.bundle run`` does (``initialize``, ``run``, ``finalize``); a training
+    that proceeds saves the merged config as ``RUN_DIR/workflow.json`` (rank 0) so the run can be repeated with
     ``python -m monai.bundle run --config_file RUN_DIR/workflow.json``.
 
     Args:
@@ -176,16 +173,15 @@ def run_workflow(
         The values of the ``run`` expressions (for a training workflow: the run summary dict).
     """
     parser = load_workflow(config_file, overrides)
-    if "run_dir" in parser.get() and int(os.environ.get("RANK", "0")) == 0:
-        run_dir = Path(parser.get_parsed_content("run_dir"))
-        atomic_write_text(json.dumps(parser.get(), indent=2) + "\n", run_dir / WORKFLOW_COPY)
     results: list[Any] = []
     for section in ("initialize", run_id, "finalize"):
         if section in parser.get():
             try:
+                if section == run_id:
+                    _record_workflow(parser)
                 value = parser.get_parsed_content(section)
             except RuntimeError as error:
-                user_error = _user_error_inside(error)
+                user_error = user_error_inside(error)
                 if user_error is None:
                     raise
                 raise user_error from None
@@ -194,12 +190,11 @@ def run_workflow(
     return results
 
 
-def _user_error_inside(error: BaseException) -> MedunetError | None:
-    """The ``MedunetError`` that MONAI's config evaluation wrapped in ``RuntimeError("Failed to evaluate ...")``,
-    so the user sees the data/config message rather than a traceback."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, MedunetError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+def _record_workflow(parser: ConfigParser) -> None:
+    """Hand the merged config to the workflow's training, which saves it as ``RUN_DIR/workflow.json`` once it
+    actually trains (a refused or finished run keeps its records untouched)."""
+    if "training" not in parser.get():
+        return
+    training = parser.get_parsed_content("training", lazy=True)
+    if hasattr(training, "record_workflow"):
+        training.record_workflow(parser.get())

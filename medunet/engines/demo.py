@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,13 +9,13 @@ from typing import Any
 import torch
 
 from medunet.data import load_fold, make_phantom_task, write_datalist
-from medunet.engines.checkpoint import MODEL_FILE
 from medunet.engines.config import WORKFLOWS_DIR, build_overrides, run_workflow
-from medunet.engines.inference import PREDICTIONS_DIR, predict_run
+from medunet.engines.inference import predict_run
 from medunet.errors import MedunetError
 from medunet.evaluation import evaluate_folders
 from medunet.evaluation.cases import case_name
 from medunet.evaluation.provenance import file_sha256
+from medunet.run_folder import MODEL_FILE, PREDICTIONS_DIR, read_run_record
 from medunet.tracking import Tracker
 
 PHANTOM_DATALIST = "folds.json"
@@ -91,17 +90,19 @@ def run_demo(
     _, held_out = load_fold(task_dir / PHANTOM_DATALIST, 0, task_dir)
     pred_dir = run_dir / PREDICTIONS_DIR
     inference_start = time.perf_counter()
-    predictions = predict_run(run_dir, [item["image"] for item in held_out], pred_dir, progress=progress)
+    # overwrite: a rerun may have trained further, so its predictions are redone, not kept.
+    predictions = predict_run(run_dir, [item["image"] for item in held_out], pred_dir, progress=progress,
+                              overwrite=True)
     inference_seconds = time.perf_counter() - inference_start
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    record = read_run_record(run_dir)
     checkpoint = run_dir / MODEL_FILE
     provenance = {
-        "network": config["network"]["name"],
-        "parameters": config["network"]["parameters"],
+        "network": record.network.name,
+        "parameters": record.network.parameters,
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": file_sha256(checkpoint),
         "data": f"{task_dir} (synthetic MRI phantom)",
-        "fold": f"{config['fold']} (held out from training)",
+        "fold": f"{record.fold} (held out from training)",
         "inferer": "SlidingWindowInferer, Gaussian, overlap 0.5",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "inference_runtime_s": round(inference_seconds, 2),
@@ -113,7 +114,7 @@ def run_demo(
                                   progress=progress, title="medunet demo: phantom MRI")
     with Tracker(settings.get("tracking_uri"), settings.get("experiment", "medunet"), run_name="demo-evaluation",
                  run_dir=run_dir / "evaluation", enabled=settings.get("tracking", True), tags={"kind": "evaluate"}) as tracker:
-        tracker.log_params({"network": {"name": config["network"]["name"]}, "fold": config["fold"], "data": str(task_dir)})
+        tracker.log_params({"network": {"name": record.network.name}, "fold": record.fold, "data": str(task_dir)})
         tracker.log_evaluation(evaluation)
     dice = {name: evaluation.mean("dice", label=value) for value, name in evaluation.labels.items() if value != 0}
     summary = {

@@ -52,6 +52,7 @@ from monai.transforms import AsDiscreted, Compose
 from monai.utils import set_determinism
 
 import medunet
+from medunet.atomic import remove_stale_temporaries
 from medunet.checks import check_choice, check_device, check_int, check_number, check_writable_dir
 from medunet.data import (
     TaskPreset,
@@ -75,9 +76,20 @@ from medunet.engines.checkpoint import (
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.engines.guards import NonFiniteLossGuard
 from medunet.errors import MedunetError
+from medunet.run_folder import (
+    CONFIG_FILE,
+    TRACKING_FILE,
+    WORKFLOW_FILE,
+    NetworkRecord,
+    RunRecord,
+    Session,
+    is_run_folder,
+    read_json_file,
+    read_run_record,
+    write_run_record,
+)
 from medunet.tracking.tags import device_description
 
-CONFIG_FILE = "config.json"
 logger = logging.getLogger("medunet.train")
 
 
@@ -229,6 +241,8 @@ class SegmentationTraining:
         self.recorder: RunRecorder | None = None
         self.context: DistContext | None = None
         self.resumed_from_epoch = 0
+        self._fold_sizes = (0, 0)
+        self._workflow: dict[str, Any] | None = None
 
     # -- building ---------------------------------------------------------------------------------------
     def _data(self, preset: TaskPreset, context: DistContext) -> tuple[DataLoader, DataLoader, int, int]:
@@ -251,6 +265,7 @@ class SegmentationTraining:
     def build(self) -> SegmentationTraining:
         """Check the data and assemble the engines and handlers (called by :meth:`run` if not done)."""
         context = self.context = init_distributed(self.device)
+        self._check_same_run()  # before anything is read or written
         set_determinism(seed=self.seed + context.rank)
         show = self.progress and context.is_main
         if self.check_data:
@@ -332,55 +347,46 @@ class SegmentationTraining:
 
         resume_file = self.run_dir / RESUME_FILE
         if self.resume and resume_file.is_file():
-            self._check_same_run()
             CheckpointLoader(load_path=str(resume_file), load_dict=resume_objects, map_location=context.device).attach(trainer)
             state = torch.load(resume_file, map_location="cpu", weights_only=True)
             self.resumed_from_epoch = checkpoint_epoch(state)
             recorder.load_state_dict(state["run_state"])
         self.trainer, self.evaluator, self.recorder = trainer, evaluator, recorder
-        if context.is_main:
-            self._write_config(network, num_train, num_val)
+        self._fold_sizes = (num_train, num_val)
         return self
 
     # -- records ----------------------------------------------------------------------------------------
+    def record_workflow(self, workflow: dict[str, Any]) -> None:
+        """Keep the merged workflow config; it is written as ``RUN_DIR/workflow.json`` once training proceeds."""
+        self._workflow = workflow
+
     def _check_same_run(self) -> None:
         """Refuse to resume a run of another network or fold (its weights would not fit or would mislead)."""
-        config_file = self.run_dir / CONFIG_FILE
-        if not config_file.is_file():
+        if not is_run_folder(self.run_dir):
             return
-        previous = json.loads(config_file.read_text(encoding="utf-8"))
+        previous = read_run_record(self.run_dir)
         now = {"network": self.network_name, "fold": self.fold}
-        before = {"network": previous.get("network", {}).get("name"), "fold": previous.get("fold")}
+        before = {"network": previous.network.name, "fold": previous.fold}
         if now != before:
             raise MedunetError(
                 f"{self.run_dir} holds a run of {before}, not {now}; resuming it would mix the two. "
                 "Fix: pass a new --run-dir, or delete that folder to start over."
             )
 
-    def _write_config(self, network: torch.nn.Module, num_train: int, num_val: int) -> None:
-        """``RUN_DIR/config.json``: the resolved settings of this run, read by tracking and bundle export."""
-        preset = self.preset
-        scheduler = self.lr_scheduler
-        config = {
-            "task": preset.name,
-            "dataset_dir": str(self.dataset_dir.resolve()),
-            "datalist": str(self.datalist.resolve()),
-            "fold": self.fold,
-            "num_train_cases": num_train,
-            "num_val_cases": num_val,
-            "labels": {str(value): name for value, name in preset.labels.items()},
-            "network": {
-                "name": self.network_name,
-                "class": f"{type(network).__module__}.{type(network).__qualname__}",
-                "args": self.network_args,
-                "parameters": sum(p.numel() for p in network.parameters()),
-            },
-            "preset": {"modality": preset.modality, "in_channels": preset.in_channels,
-                       "target_spacing": preset.target_spacing, "patch_size": list(preset.patch_size),
-                       "ct_window": preset.ct_window},
+    def _write_records(self) -> None:
+        """``RUN_DIR/config.json`` (the :class:`~medunet.run_folder.RunRecord`) and ``workflow.json``: written when
+        training proceeds, never by a run that is refused or has nothing to train."""
+        for folder in (self.run_dir, *(self.run_dir / name for name in (MODEL_FILE, RESUME_FILE))):
+            remove_stale_temporaries(folder if folder == self.run_dir else folder.parent)  # of a killed session
+        network, preset, scheduler = self.network, self.preset, self.lr_scheduler
+        num_train, num_val = self._fold_sizes
+        device = str(self.context.device)
+        amp = self.amp and self.context.device.type == "cuda"
+        recipe = {
             "loss": repr(self.loss),
             "optimizer": {"class": type(self.optimizer).__name__,
-                          "defaults": {k: v for k, v in self.optimizer.defaults.items()
+                          "defaults": {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in self.optimizer.defaults.items()
                                        if isinstance(v, (int, float, str, bool, type(None), tuple))}},
             "lr_scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "max_epochs": self.max_epochs,
@@ -391,33 +397,45 @@ class SegmentationTraining:
             "sliding_window": {"roi_size": list(preset.patch_size), "sw_batch_size": self.sw_batch_size,
                                "overlap": self.sw_overlap, "mode": "gaussian"},
             "early_stop_patience": self.early_stop_patience,
-            "amp": self.amp and self.context.device.type == "cuda",
+            "amp": amp,
             "seed": self.seed,
-            "world_size": self.context.world_size,
-            "device": str(self.context.device),
-            "device_name": device_description(str(self.context.device)),
-            "resumed_from_epoch": self.resumed_from_epoch,
-            "command": sys.argv,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"medunet": medunet.__version__, "monai": monai.__version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
         }
-        config["sessions"] = self._sessions(config)
-        atomic_write_text(json.dumps(config, indent=2, default=str) + "\n", self.run_dir / CONFIG_FILE)
+        versions = {"medunet": medunet.__version__, "monai": monai.__version__, "torch": torch.__version__,
+                    "python": platform.python_version()}
+        provenance = {
+            "world_size": self.context.world_size,
+            "device": device,
+            "device_name": device_description(device),
+            "resumed_from_epoch": self.resumed_from_epoch,
+            "command": list(sys.argv),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions,
+        }
+        session = Session(from_epoch=self.resumed_from_epoch + 1, device_name=provenance["device_name"], amp=amp,
+                          torch=torch.__version__, started=provenance["started"])
+        record = RunRecord(
+            preset=preset,
+            network=NetworkRecord(name=self.network_name, args=self.network_args,
+                                  class_path=f"{type(network).__module__}.{type(network).__qualname__}",
+                                  parameters=sum(p.numel() for p in network.parameters())),
+            fold=self.fold,
+            dataset_dir=str(self.dataset_dir.resolve()),
+            datalist=str(self.datalist.resolve()),
+            num_train_cases=num_train,
+            num_val_cases=num_val,
+            recipe=json.loads(json.dumps(recipe, default=str)),
+            sessions=(*self._earlier_sessions(), session),
+            provenance=json.loads(json.dumps(provenance, default=str)),
+        )
+        write_run_record(record, self.run_dir)
+        if self._workflow is not None:
+            atomic_write_text(json.dumps(self._workflow, indent=2) + "\n", self.run_dir / WORKFLOW_FILE)
 
-    def _sessions(self, config: dict[str, Any]) -> list[dict[str, Any]]:
-        """Where each training session of this run ran (a resumed run may have moved machines)."""
-        def session(entry: dict[str, Any]) -> dict[str, Any]:
-            return {"from_epoch": int(entry.get("resumed_from_epoch") or 0) + 1, "device_name": entry.get("device_name"),
-                    "amp": entry.get("amp"), "torch": entry.get("versions", {}).get("torch"),
-                    "started": entry.get("started")}
-
-        earlier: list[dict[str, Any]] = []
-        path = self.run_dir / CONFIG_FILE
-        if self.resumed_from_epoch and path.is_file():
-            before = json.loads(path.read_text(encoding="utf-8"))
-            earlier = [s for s in before.get("sessions") or [session(before)] if s["from_epoch"] <= self.resumed_from_epoch]
-        return earlier + [session(config)]
+    def _earlier_sessions(self) -> list[Session]:
+        """The sessions before this one that trained the epochs this one resumes after."""
+        if not self.resumed_from_epoch or not is_run_folder(self.run_dir):
+            return []
+        return [s for s in read_run_record(self.run_dir).sessions if s.from_epoch <= self.resumed_from_epoch]
 
     def _log_epoch(self, engine: Any) -> None:
         row = self.recorder.history[-1] if self.recorder and self.recorder.history else {}
@@ -443,6 +461,8 @@ class SegmentationTraining:
                 print(f"{self.run_dir}: already finished ({recorder.stop_reason}); nothing to train. "
                       "Pass a new --run-dir to train again.")
         else:
+            if context.is_main:
+                self._write_records()
             if self.resumed_from_epoch and context.is_main:
                 print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
             if self.tracking and context.is_main:
@@ -470,8 +490,14 @@ class SegmentationTraining:
         from medunet.tracking import MLflowTrackingHandler, Tracker
 
         labels = [name for value, name in sorted(self.preset.labels.items()) if value != 0]
+        previous = read_json_file(self.run_dir / TRACKING_FILE, "the MLflow run of this training") or {}
+        resume_run_id = previous.get("run_id") if self.resumed_from_epoch and isinstance(previous, dict) else None
         with Tracker(self.tracking_uri, self.experiment, run_name=self.run_dir.name, run_dir=self.run_dir,
-                     tags={"kind": "train"}, device=str(self.context.device)) as tracker:
+                     tags={"kind": "train"}, device=str(self.context.device),
+                     resume_run_id=resume_run_id if isinstance(resume_run_id, str) else None) as tracker:
+            if tracker.run_id:  # a resumed training continues this MLflow run
+                atomic_write_text(json.dumps({"tracking_uri": tracker.uri, "experiment": self.experiment,
+                                              "run_id": tracker.run_id}, indent=2) + "\n", self.run_dir / TRACKING_FILE)
             tracker.log_config(self.run_dir / CONFIG_FILE)
             MLflowTrackingHandler(tracker, label_names=labels).attach(self.trainer, self.evaluator)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medunet.atomic import is_hidden
 from medunet.errors import MedunetError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -64,11 +65,16 @@ def case_name(path: Path) -> str:
 
 
 def list_images(folder: Path, what: str) -> dict[str, Path]:
-    """All image files directly in ``folder`` by case name; ``what`` names the folder in errors."""
+    """All image files directly in ``folder`` by case name; ``what`` names the folder in errors.
+
+    Hidden files are not cases: ``.tmp<PID>.case.nii.gz`` is a prediction still being written, or left
+    half-written by a killed run (see :mod:`medunet.atomic`); ``._case.nii.gz`` is macOS metadata.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise MedunetError(f"{what} folder {folder} does not exist: pass the folder that holds the .nii.gz files")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(IMAGE_SUFFIXES))
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and not is_hidden(p))
     by_name: dict[str, Path] = {}
     for path in files:
         name = case_name(path)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from medunet.atomic import remove_stale_temporaries
 from medunet.errors import MedunetError
 from medunet.evaluation import cases as case_io
 from medunet.evaluation.aggregate import FOREGROUND, aggregate, foreground_per_case
@@ -294,7 +295,9 @@ def _labels_present(array: np.ndarray) -> set[int]:
 def _write_outputs(
     result: EvaluationResult, out_dir: Path, report: bool, images_dir: str | Path | None, title: str | None
 ) -> None:
+    """Write cases.csv, summary.json and the report, each atomically; temporaries of killed runs are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     result.files["cases_csv"] = write_case_csv(result.rows, out_dir / "cases.csv")
     extra = {"labels": result.labels, "problems": result.problems, "provenance": result.provenance}
     summary = summary_json(result.rows, result.aggregates, extra)

@@ -76,6 +76,17 @@ def get_preset(name: str) -> NetworkPreset:
     )
 
 
+def registered_name_of_class(class_path: str) -> str | None:
+    """The registry name of a registered class given as ``module.Class`` or ``Class``; None if not registered.
+
+    This is the allow-list for files that name a network by class: nothing outside the registry is imported.
+    """
+    for name, cls in _CLASSES.items():
+        if class_path in (name, f"medunet.networks.{name}", f"{cls.__module__}.{cls.__qualname__}"):
+            return name
+    return None
+
+
 def create_network(name: str, **overrides: Any) -> nn.Module:
     """Build a registered preset or class by name; keywords override the preset's defaults.
 

@@ -110,6 +110,7 @@ def measure_peak(
 
 
 def _measure_job(job_file: str) -> None:
+    # The job file is this process's parent's own pickle in a private (0700) temporary folder, never a user's file.
     job = torch.load(job_file, weights_only=False)
     peak, method = _peak_bytes(job["network"], job["overrides"], tuple(job["shape"]), job["device"], job["train"])
     print(json.dumps({"peak_bytes": peak, "method": method}))

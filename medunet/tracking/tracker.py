@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medunet.run_folder import CONFIG_FILE
 from medunet.tracking import stores
 from medunet.tracking.values import MAX_TAG_LENGTH, clean_key, clip, flatten_metrics, flatten_params
 
@@ -59,6 +60,9 @@ class Tracker:
         enabled: False makes every method a no-op (``--no-tracking``), so callers need no ``if``.
         tags: extra tags, set beside the automatic ones (git commit, versions, device, host, command).
         device: the device the run computes on, for the ``device`` tag (default cuda when present).
+        resume_run_id: an MLflow run to continue (a resumed training logs into the run it started) when it
+            exists in this store and experiment; otherwise a new run is created, tagged ``resumed_from_run``,
+            and the old one, if still ``RUNNING`` (its process was killed), is marked ``KILLED``.
 
     Use it as a context manager: the run ends ``FINISHED``, ``FAILED`` on an exception, ``KILLED`` on
     Ctrl-C. Tracking problems are reported as warnings on the ``medunet.tracking`` logger, never raised.
@@ -79,8 +83,11 @@ class Tracker:
         enabled: bool = True,
         tags: Mapping[str, Any] | None = None,
         device: str | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         self.enabled = enabled
+        self.resume_run_id = resume_run_id
+        self.resumed = False  # whether the run continues resume_run_id
         self.experiment = experiment
         self.run_dir = Path(run_dir).expanduser().resolve() if run_dir is not None else None
         self.run_name = run_name or (self.run_dir.name if self.run_dir else time.strftime("medunet-%Y%m%d-%H%M%S"))
@@ -112,7 +119,8 @@ class Tracker:
             self._fall_back(error)
         from medunet.tracking.tags import run_tags
 
-        self.set_tags({**run_tags(self._device), **self._extra_tags})
+        link = {"resumed_from_run": self.resume_run_id} if self.resume_run_id and not self.resumed else {}
+        self.set_tags({**run_tags(self._device), **self._extra_tags, **link})
         logger.info("tracking %s", self.describe())
         return self
 
@@ -237,10 +245,11 @@ class Tracker:
             snapshot = json.loads(json.dumps(data, default=str))  # later changes of `data` must not leak in
             self._record(_Op("dict", (snapshot, artifact_file)))
 
-    def log_config(self, config: Mapping[str, Any] | str | Path, artifact_file: str = "config.json") -> None:
+    def log_config(self, config: Mapping[str, Any] | str | Path, artifact_file: str = CONFIG_FILE) -> None:
         """Log a run's executed config: flattened as parameters and saved as an artifact.
 
-        ``config`` is a dict, or the path of a JSON/YAML file (uploaded as it is).
+        ``config`` is a dict (saved as ``artifact_file``), or the path of a JSON/YAML file (uploaded as it is,
+        under its own name).
         """
         if isinstance(config, Mapping):
             self.log_params(config)
@@ -368,9 +377,31 @@ class Tracker:
                                    f"(mlflow experiments restore) or choose another --experiment")
             else:
                 experiment_id = experiment.experiment_id
-            run = client.create_run(experiment_id, run_name=self.run_name)
+            run = self._resumed_run(client, experiment_id) if uri == self.tracking_uri else None
+            if run is None:
+                run = client.create_run(experiment_id, run_name=self.run_name)
         self._client, self.uri = client, uri
         self.experiment_id, self.run_id = experiment_id, run.info.run_id
+
+    def _resumed_run(self, client: Any, experiment_id: str) -> Any:
+        """The run to continue, reopened as ``RUNNING`` with its parameters known; None to start a new one
+        (after marking a dead ``RUNNING`` predecessor ``KILLED``)."""
+        from mlflow.exceptions import MlflowException
+
+        if not self.resume_run_id:
+            return None
+        try:
+            run = client.get_run(self.resume_run_id)
+        except MlflowException:
+            return None
+        if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        self._params.update(run.data.params)  # same values are not sent again; changed ones are warned about
+        self.resumed = True
+        return run
 
     def _apply(self, op: _Op) -> None:
         from mlflow.entities import Metric, Param, RunTag

@@ -1,0 +1,240 @@
+"""The run record (``RUN_DIR/config.json``): one owner module, versioned, and never a way to run code.
+
+A run folder is data people send each other. These tests put payloads in every field of a real record and
+check that reading it refuses them, that nothing outside medunet's network registry is imported, and that the
+exports (``export-bundle``, ``export-onnx``) stop with exit code 2 before anything is written or run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from medunet.cli import main as medunet_main
+from medunet.data import PRESETS, TaskPreset, get_preset
+from medunet.engines.checkpoint import atomic_torch_save
+from medunet.errors import MedunetError
+from medunet.networks import create_network
+from medunet.run_folder import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    NetworkRecord,
+    RunRecord,
+    Session,
+    load_trained_network,
+    read_run_record,
+    write_run_record,
+)
+
+NETWORK = "lunet_small_2f"
+ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3}
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "PWNED"
+PAYLOAD = f"$__import__('pathlib').Path('{MARKER}').touch() or 'AND'"
+
+
+def _record() -> RunRecord:
+    network = create_network(NETWORK, **ARGS)
+    return RunRecord(
+        preset=get_preset("PhantomCT"),
+        network=NetworkRecord(NETWORK, f"{type(network).__module__}.{type(network).__qualname__}", dict(ARGS),
+                              sum(p.numel() for p in network.parameters())),
+        fold=0, dataset_dir="/data/Task90_PhantomCT", datalist="/data/Task90_PhantomCT/folds.json",
+        num_train_cases=4, num_val_cases=1,
+        recipe={"loss": "DiceCELoss()", "optimizer": {"class": "AdamW", "defaults": {"lr": 0.001}}, "max_epochs": 2,
+                "batch_size": 2, "num_samples": 2, "amp": False, "seed": 0,
+                "sliding_window": {"roi_size": [32, 32, 32], "sw_batch_size": 4, "overlap": 0.25, "mode": "gaussian"}},
+        sessions=(Session(1, "CPU (2 threads)", False, torch.__version__, "2026-12-01T00:00:00+00:00"),),
+        provenance={"device": "cpu", "command": ["medunet", "train"], "versions": {"torch": torch.__version__}},
+    )
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run folder with a real record and real (untrained) weights that fit it."""
+    run = tmp_path / "run"
+    write_run_record(_record(), run)
+    atomic_torch_save({"model": create_network(NETWORK, **ARGS).state_dict()}, run / MODEL_FILE)
+    return run
+
+
+def _leaves(value: Any, path: tuple = ()) -> list[tuple]:
+    """Every leaf of a JSON document, as a key path."""
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _leaves(item, (*path, key))] or [path]
+    if isinstance(value, list):
+        return [leaf for index, item in enumerate(value) for leaf in _leaves(item, (*path, index))] or [path]
+    return [path]
+
+
+def _set(document: Any, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        document = document[key]
+    document[path[-1]] = value
+
+
+def _config(run: Path) -> dict[str, Any]:
+    return json.loads((run / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def _write_config(run: Path, config: dict[str, Any]) -> None:
+    (run / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_a_record_reads_back_as_written(run_dir: Path) -> None:
+    record = read_run_record(run_dir)
+    assert record.to_dict() == _record().to_dict()
+    assert record.format_version == FORMAT_VERSION
+    assert record.network.name == NETWORK and record.preset == get_preset("PhantomCT")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_task_preset_round_trips_through_plain_data(name: str) -> None:
+    preset = PRESETS[name]
+    assert TaskPreset.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+
+
+def test_run_folders_written_before_the_record_still_load() -> None:
+    """The benchmark's committed run folders are format 1 (no format_version)."""
+    configs = sorted((REPO / "benchmarks" / "latest" / "runs").glob(f"*/{CONFIG_FILE}"))
+    assert configs, "the committed benchmark run folders are missing"
+    for config in configs:
+        assert "format_version" not in json.loads(config.read_text(encoding="utf-8"))
+        record = read_run_record(config.parent)
+        assert record.format_version == 1
+        assert record.network.name == config.parent.name
+        assert record.sessions and record.sessions[0].from_epoch >= 1
+
+
+def test_a_record_from_a_newer_medunet_is_refused_with_the_fix(run_dir: Path) -> None:
+    config = _config(run_dir)
+    config["format_version"] = FORMAT_VERSION + 1
+    _write_config(run_dir, config)
+    with pytest.raises(MedunetError, match=rf"format {FORMAT_VERSION + 1}.*upgrade medunet"):
+        read_run_record(run_dir)
+
+
+def test_a_payload_in_any_field_is_refused(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    original = _config(run_dir)
+    leaves = _leaves(original)
+    assert len(leaves) > 40
+    for path in leaves:
+        config = json.loads(json.dumps(original))
+        _set(config, path, PAYLOAD)
+        _write_config(run_dir, config)
+        with pytest.raises(MedunetError):
+            read_run_record(run_dir)
+            pytest.fail(f"a payload in {'.'.join(map(str, path))} was accepted")
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("where", [(), ("network",), ("network", "args"), ("preset",), ("optimizer", "defaults"),
+                                   ("sliding_window",)])
+def test_keys_that_make_monai_build_objects_never_reach_the_record(run_dir: Path, where: tuple) -> None:
+    """Refused where the record keeps the dict; unknown keys elsewhere are dropped, never carried along."""
+    config = _config(run_dir)
+    node = config
+    for key in where:
+        node = node[key]
+    node["_target_"] = "os.system"
+    _write_config(run_dir, config)
+    try:
+        record = read_run_record(run_dir)
+    except MedunetError as error:
+        assert "_target_" in str(error)
+    else:
+        assert "_target_" not in json.dumps(record.to_dict())
+        assert where in ((), ("network",), ("preset",))  # the dicts that the record rebuilds field by field
+
+
+def test_arguments_are_checked_against_the_constructor(run_dir: Path) -> None:
+    original = _config(run_dir)
+    for args, message in (({"features": "8"}, "features is '8'; a int is expected"),
+                          ({"no_such_argument": 1}, "takes no argument 'no_such_argument'"),
+                          ({"spatial_dims": True}, "a int is expected")):
+        config = json.loads(json.dumps(original))
+        config["network"]["args"].update(args)
+        _write_config(run_dir, config)
+        with pytest.raises(MedunetError, match=message):
+            read_run_record(run_dir)
+
+
+def test_a_class_outside_the_registry_is_never_imported(run_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run folder naming its own module: reading and exporting it must not import (and so run) it."""
+    module = tmp_path / "hostile_network_module.py"
+    module.write_text(f"import pathlib\npathlib.Path({str(tmp_path / MARKER)!r}).touch()\nclass Net: pass\n",
+                      encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for class_path in ("hostile_network_module.Net", "monai.bundle.run", "os.system"):
+        config = _config(run_dir)
+        config["network"] = {"name": None, "class": class_path, "args": {}}
+        _write_config(run_dir, config)
+        record = read_run_record(run_dir)  # readable (e.g. for the benchmark table) ...
+        assert record.network.name is None
+        with pytest.raises(MedunetError, match="not in medunet's registry"):  # ... but never built
+            load_trained_network(run_dir, record)
+        assert medunet_main(["export-onnx", str(run_dir), str(tmp_path / "model.onnx")]) == 2
+        assert medunet_main(["export-bundle", str(run_dir), str(tmp_path / "bundle"), "--no-memory"]) == 2
+    assert "hostile_network_module" not in sys.modules
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "bundle").exists()
+
+
+def test_a_registered_class_given_by_path_is_built(run_dir: Path) -> None:
+    config = _config(run_dir)
+    config["network"] = {"name": None, "class": "medunet.networks.LUNet", "args": {**ARGS, "features": 2}}
+    _write_config(run_dir, config)
+    record = read_run_record(run_dir)
+    assert record.network.name == "LUNet"
+    assert isinstance(record.network.build(), torch.nn.Module)
+
+
+@pytest.mark.parametrize("field, value", [
+    (("network", "args", "order"), "$__import__('pathlib').Path('PWNED').touch() or 'AND'"),
+    (("network", "class"), "monai.bundle.run"),
+    (("labels", "1"), "@network_def"),
+    (("task",), "%configs/other.json#network_def"),
+    (("optimizer", "defaults", "lr"), "$1e-3"),
+])
+def test_exports_stop_before_writing_anything(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              field: tuple, value: str) -> None:
+    """The hostile-input pass's payloads, through the real CLI: exit code 2, no bundle, no side effect."""
+    monkeypatch.chdir(tmp_path)
+    config = _config(run_dir)
+    _set(config, field, value)
+    if field[-1] == "class":
+        config["network"]["name"] = None
+    _write_config(run_dir, config)
+    assert medunet_main(["export-bundle", str(run_dir), str(tmp_path / "bundle"), "--no-memory"]) == 2
+    assert medunet_main(["export-onnx", str(run_dir), str(tmp_path / "model.onnx")]) == 2
+    assert not (tmp_path / MARKER).exists()
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "model.onnx").exists()
+
+
+class _Hostile:
+    def __reduce__(self):  # unpickling this would run code
+        return (Path(MARKER).touch, ())
+
+
+def test_a_weights_file_that_would_run_code_is_refused(run_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _Hostile()}, run_dir / MODEL_FILE)
+    with pytest.raises(MedunetError, match="not a readable weights file"):
+        load_trained_network(run_dir)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_weights_that_do_not_fit_the_record_are_refused(run_dir: Path) -> None:
+    atomic_torch_save({"model": create_network(NETWORK, **{**ARGS, "out_channels": 5}).state_dict()},
+                      run_dir / MODEL_FILE)
+    with pytest.raises(MedunetError, match="does not fit the network"):
+        load_trained_network(run_dir)
