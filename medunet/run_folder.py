@@ -15,7 +15,8 @@ Layout (``RUN_DIR``, rank 0 writes)::
     config.json                    this record (versioned; see FORMAT_VERSION)
     workflow.json                  the merged workflow config of ``medunet train`` (MONAI config: code you choose
                                    to run; it is written, never executed by medunet)
-    tracking.json                  the MLflow run this training logs to, so a resumed training continues it
+    tracking.json                  the MLflow run this folder is mirrored to, and how many epochs it holds
+    profile.json                   model facts at the training batch (parameters, multiply-adds, memory, latency)
     models/model.pt, models/model_last.pt, checkpoints/checkpoint_last.pt, metrics.csv, metrics.json
     predictions/, evaluation/      ``medunet infer`` and ``medunet evaluate`` outputs
 """
@@ -36,6 +37,7 @@ from medunet.errors import MedunetError
 CONFIG_FILE = "config.json"
 WORKFLOW_FILE = "workflow.json"
 TRACKING_FILE = "tracking.json"
+PROFILE_FILE = "profile.json"
 MODEL_FILE = "models/model.pt"
 LAST_MODEL_FILE = "models/model_last.pt"
 RESUME_FILE = "checkpoints/checkpoint_last.pt"
@@ -253,7 +255,7 @@ class Session:
 
 #: The training recipe's keys, as they sit at the top level of config.json.
 RECIPE_KEYS = ("loss", "optimizer", "lr_scheduler", "max_epochs", "val_interval", "batch_size", "num_samples",
-               "epoch_length", "sliding_window", "early_stop_patience", "amp", "seed")
+               "epoch_length", "sliding_window", "early_stop_patience", "amp", "seed", "augment", "deep_supervision")
 #: Where the run ran and with what: free text for people and tracking, never read back into a config.
 PROVENANCE_KEYS = ("world_size", "device", "device_name", "resumed_from_epoch", "command", "started", "versions")
 

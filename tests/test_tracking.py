@@ -25,12 +25,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from mlflow import MlflowClient
 
 from medunet.cli import main
+from medunet.engines.demo import prepare_phantom
 from medunet.evaluation import evaluate_folders
 from medunet.run_folder import CONFIG_FILE
-from medunet.tracking import MLflowTrackingHandler, Tracker, local_store_uri
+from medunet.tracking import RunFolderTracking, Tracker, local_store_uri, push_evaluation_folder
 
 SERVER_START_TIMEOUT_S = 180
 EPOCHS = 2
@@ -121,41 +123,50 @@ def the_run(uri: str, experiment: str = "medunet"):
     return client, runs[0]
 
 
-def train(tracker: Tracker, run_dir: Path, epochs: int = EPOCHS):
-    """A real MONAI training: lunet_small_2f on random 2D images, validated each epoch, checkpoint logged."""
-    from monai.data import DataLoader
-    from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import MeanDice, ValidationHandler, from_engine
-    from monai.losses import DiceCELoss
-    from monai.transforms import AsDiscreted, Compose
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    task_dir = tmp_path_factory.mktemp("phantom") / "Task90_PhantomMRI"
+    prepare_phantom(task_dir, num_cases=5, kind="mri", size=(24, 24, 20), generate=True)
+    return task_dir
 
+
+class _AfterEpoch:
+    """An ignite handler calling ``action`` once, after ``epoch`` (attached after the tracking handler)."""
+
+    def __init__(self, epoch: int, action) -> None:
+        self.epoch, self.action = epoch, action
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=self.epoch), lambda _: self.action())
+
+
+def train(task_dir: Path, run_dir: Path, uri: str, experiment: str, epochs: int = EPOCHS, *extra) -> dict:
+    """A real medunet training (lunet_small_2f, 2 iterations an epoch) mirrored into MLflow as it runs."""
+    from medunet.data import load_task, preset_for_task
+    from medunet.engines import SegmentationTraining
     from medunet.networks import create_network
 
-    torch.manual_seed(0)
-    network = create_network("lunet_small_2f", spatial_dims=2, in_channels=1, out_channels=2)
-    data = [{"image": torch.rand(1, 32, 32), "label": (torch.rand(1, 32, 32) > 0.5).float()} for _ in range(4)]
-    loader = DataLoader(data, batch_size=2)
-    post = Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=2), AsDiscreted(keys="label", to_onehot=2)])
-    pairs = from_engine(["pred", "label"])
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=loader, network=network, postprocessing=post,
-        key_val_metric={"val_mean_dice": MeanDice(include_background=False, output_transform=pairs)},
-        additional_metrics={"val_dice": MeanDice(include_background=True, reduction="mean_batch",
-                                                 output_transform=pairs)},
-    )
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=network,
-        optimizer=torch.optim.Adam(network.parameters(), 1e-3),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        train_handlers=[ValidationHandler(validator=evaluator, interval=1)],
-    )
-    MLflowTrackingHandler(tracker, label_names=LABEL_NAMES).attach(trainer, evaluator)
-    tracker.log_config({"network": {"name": "lunet_small_2f", "spatial_dims": 2}, "task": "random", "fold": 0})
-    trainer.run()
-    (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), run_dir / "models" / "model.pt")
-    tracker.log_artifact(run_dir / "models" / "model.pt", "models")
-    return trainer
+    args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3}
+    tracking = RunFolderTracking(run_dir, tracking_uri=uri, experiment=experiment)
+    return SegmentationTraining(
+        run_dir, task_dir, task_dir / "folds.json", 0, create_network("lunet_small_2f", **args),
+        preset=preset_for_task(load_task(task_dir)), network_name="lunet_small_2f", network_args=args,
+        max_epochs=epochs, epoch_length=2, batch_size=1, num_samples=2, patch_size=(16, 16, 16), progress=False,
+        profile_memory=False, extra_handlers=[tracking, *extra],
+    ).run()
+
+
+def assert_complete_training_run(client: MlflowClient, run, run_dir: Path, epochs: int = EPOCHS) -> None:
+    """Everything the run folder records is in the MLflow run, one point per epoch."""
+    run_id, params, metrics = run.info.run_id, run.data.params, run.data.metrics
+    assert params["network.name"] == "lunet_small_2f" and params["fold"] == "0"
+    assert params["max_epochs"] == str(epochs) and params["profile.network"] == "lunet_small_2f"
+    for key in ("train_loss", "val_mean_dice", "val_dice_organ", "val_dice_lesion", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, epochs + 1)), key
+    assert metrics["model_params"] == float(params["network.parameters"]) and metrics["latency_ms"] > 0
+    assert {f.path for f in client.list_artifacts(run_id)} >= {"models", "metrics.csv", CONFIG_FILE}
+    downloaded = client.download_artifacts(run_id, "models/model.pt", str(run_dir.parent / "download"))
+    assert torch.load(downloaded, weights_only=True).keys() == torch.load(run_dir / "models" / "model.pt").keys()
 
 
 def write_label_folders(root: Path) -> tuple[Path, Path]:
@@ -187,9 +198,9 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
         tracker.log_params({"inferer": {"roi_size": [32, 32], "overlap": 0.5}, "notes": "x" * 7000})
         for step, loss in enumerate([0.9, 0.7, 0.5], start=1):
             tracker.log_metrics({"train_loss": loss}, step=step)
-        tracker.log_profile(result)
-        tracker.log_evaluation(evaluation)
-        tracker.log_evaluation(tmp_path / "evaluation", prefix="from_file", artifact_path="evaluation_copy")
+        tracker.log_results(result)
+        push_evaluation_folder(tmp_path / "evaluation", tracker)
+        push_evaluation_folder(tmp_path / "evaluation", tracker, prefix="from_file")
         uri = tracker.uri
 
     assert uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlruns.db'}"  # the documented default
@@ -212,7 +223,7 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
     assert tags["mlflow.source.git.commit"] and tags["version.mlflow"] and tags["device"] == "cpu"
     assert {"host", "command", "version.torch", "version.monai", "version.pytorch-ignite", "git_dirty"} <= set(tags)
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {CONFIG_FILE, "evaluation", "evaluation_copy"} <= artifacts
+    assert {CONFIG_FILE, "evaluation"} <= artifacts
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert logged == {"evaluation/summary.json", "evaluation/cases.csv"}
     assert list((tmp_path / "mlruns" / "artifacts").rglob("cases.csv"))  # artifacts beside the database
@@ -222,72 +233,55 @@ def test_default_local_store_holds_params_metrics_profile_evaluation_and_artifac
     assert "| local" in table and "FINISHED" in table and "eval_dice_left" in table and "lunet_small_2f" in table
 
 
-def test_unreachable_server_warns_once_and_the_run_is_complete_in_the_run_dir(tmp_path, caplog):
+def test_unreachable_server_warns_once_and_track_pushes_the_whole_run_later(tiny_task, tmp_path, caplog, capsys):
     closed = f"http://127.0.0.1:{free_port()}"  # bound, then released: nothing listens there
     run_dir = tmp_path / "run"
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="medunet.tracking"):
-        with Tracker(tracking_uri=closed, experiment="offline", run_dir=run_dir) as tracker:
-            tracker.log_params({"network": "lunet_small_2f"})
-            trainer = train(tracker, run_dir)
-    assert trainer.state.epoch == EPOCHS
-    assert time.perf_counter() - started < 60  # no minutes of HTTP retries
+        summary = train(tiny_task, run_dir, closed, "offline")
+    assert summary["finished"] and summary["epochs"] == EPOCHS
+    assert time.perf_counter() - started < 90  # no minutes of HTTP retries
     warnings = tracking_warnings(caplog)
     assert len(warnings) == 1, warnings
-    fallback = local_store_uri(run_dir / "mlruns")
-    assert closed in warnings[0] and fallback in warnings[0]
-    assert tracker.fell_back and tracker.uri == fallback
+    assert closed in warnings[0] and f"medunet track {run_dir.resolve()} --tracking-uri {closed}" in warnings[0]
 
-    client, run = the_run(fallback, "offline")
-    assert run.info.run_name == "run" and run.info.status == "FINISHED"
-    assert run.data.tags["fallback_from"] == closed
-    assert run.data.params["network"] == "lunet_small_2f" and run.data.params["max_epochs"] == str(EPOCHS)
+    # Once a store answers, the run folder is pushed whole.
+    store = local_store_uri(tmp_path / "later")
+    assert main(["track", str(run_dir), "--tracking-uri", store, "--experiment", "offline"]) == 0
+    client, run = the_run(store, "offline")
+    assert run.info.run_name == "run" and run.info.status == "FINISHED" and run.data.tags["kind"] == "train"
+    assert_complete_training_run(client, run, run_dir)
+    # Pushing again sends nothing twice: the folder remembers what the run holds.
+    assert main(["track", str(run_dir), "--tracking-uri", store, "--experiment", "offline"]) == 0
+    client, again = the_run(store, "offline")
+    assert again.info.run_id == run.info.run_id
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
-    assert [f.path for f in client.list_artifacts(run.info.run_id, "models")] == ["models/model.pt"]
 
 
-def test_training_logged_over_http_to_a_real_server(mlflow_server, tmp_path, caplog):
+def test_training_mirrored_over_http_to_a_real_server(mlflow_server, tiny_task, tmp_path, caplog):
     url = mlflow_server.wait_ready()
     run_dir = tmp_path / "http_run"
     with caplog.at_level(logging.WARNING, logger="medunet.tracking"):
-        with Tracker(tracking_uri=url, experiment="http", run_dir=run_dir) as tracker:
-            train(tracker, run_dir)
-    assert not tracking_warnings(caplog) and not tracker.fell_back
-    assert tracker.run_url.startswith(f"{url}/#/experiments/")
-    assert not (run_dir / "mlruns").exists()  # nothing went to the fallback store
-
+        train(tiny_task, run_dir, url, "http")
+    assert not tracking_warnings(caplog)
     client, run = the_run(url, "http")
-    run_id = run.info.run_id
-    assert run.info.status == "FINISHED"
-    losses = client.get_metric_history(run_id, "train_loss")
-    assert [m.step for m in losses] == list(range(1, EPOCHS + 1))
-    assert len(client.get_metric_history(run_id, "train_loss_iter")) == EPOCHS * 2  # 2 batches an epoch
-    assert [m.step for m in client.get_metric_history(run_id, "val_mean_dice")] == [1, 2]
-    assert {"val_dice_background", "val_dice_foreground", "lr", "val_best_metric"} <= set(run.data.metrics)
-    assert run.data.metrics["lr"] == pytest.approx(1e-3)
-    params = run.data.params
-    assert params["network.name"] == "lunet_small_2f" and params["max_epochs"] == str(EPOCHS)
-    assert params["batch_size"] == "2" and params["optimizer"] == "Adam" and params["loss_function"] == "DiceCELoss"
-    assert run.data.tags["mlflow.runName"] == "http_run" and "version.monai" in run.data.tags
-    downloaded = client.download_artifacts(run_id, "models/model.pt", str(tmp_path / "download"))
-    assert torch.load(downloaded, weights_only=True).keys() == torch.load(run_dir / "models" / "model.pt").keys()
-    assert json.loads(Path(client.download_artifacts(run_id, CONFIG_FILE, str(tmp_path))).read_text(encoding="utf-8"))["fold"] == 0
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "http_run"
+    assert "version.monai" in run.data.tags and run.data.tags["mlflow.source.git.commit"]
+    assert_complete_training_run(client, run, run_dir)
+    assert json.loads(Path(client.download_artifacts(run.info.run_id, CONFIG_FILE, str(tmp_path))).read_text(
+        encoding="utf-8"))["fold"] == 0
 
 
-def test_server_dying_mid_run_moves_everything_to_the_fallback_store(mlflow_server, tmp_path, caplog):
-    """Runs last: it stops the module's server."""
+def test_server_dying_mid_run_stops_nothing_and_loses_nothing(mlflow_server, tiny_task, tmp_path, caplog):
+    """Runs last: it stops the module's server after the first epoch."""
     url = mlflow_server.wait_ready()
     run_dir = tmp_path / "dies"
     with caplog.at_level(logging.WARNING, logger="medunet.tracking"):
-        with Tracker(tracking_uri=url, experiment="dies", run_dir=run_dir) as tracker:
-            tracker.log_params({"fold": 3})
-            tracker.log_metrics({"train_loss": 0.8}, step=1)
-            mlflow_server.stop()
-            tracker.log_metrics({"train_loss": 0.6}, step=2)
-            tracker.log_metrics({"train_loss": 0.5}, step=3)
+        summary = train(tiny_task, run_dir, url, "dies", 3, _AfterEpoch(1, mlflow_server.stop))
+    assert summary["finished"] and summary["epochs"] == 3
     warnings = tracking_warnings(caplog)
-    assert len(warnings) == 1 and url in warnings[0], warnings
-    client, run = the_run(local_store_uri(run_dir / "mlruns"), "dies")
-    assert run.data.params["fold"] == "3" and run.data.tags["fallback_from"] == url
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0.8, 0.6, 0.5]
-    assert run.info.status == "FINISHED"
+    assert len(warnings) == 1 and url in warnings[0] and "medunet track" in warnings[0], warnings
+    store = local_store_uri(tmp_path / "later")
+    assert main(["track", str(run_dir), "--tracking-uri", store, "--experiment", "dies"]) == 0
+    client, run = the_run(store, "dies")
+    assert_complete_training_run(client, run, run_dir, epochs=3)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from medunet.cli.common import add_tracking_arguments, tracker_from_args
 from medunet.profiling import ProfileResult
-from medunet.tracking import Tracker, add_tracking_arguments, resolve_tracking_uri, tracker_from_args
+from medunet.tracking import Tracker, resolve_tracking_uri
 from medunet.tracking.stores import is_rejected_value, short_error
 from medunet.tracking.values import clean_key, flatten_metrics, flatten_params
 
@@ -42,13 +42,11 @@ def test_nested_params_flatten_and_long_values_are_clipped_to_mlflow_limits():
     assert len(clean_key("k" * 300)) == 250
 
 
-def test_metric_vectors_expand_per_label_and_prefix_is_added_once():
+def test_metrics_flatten_nan_is_left_out_and_prefix_is_added_once():
     values, skipped = flatten_metrics(
-        {"dice": torch.tensor([0.5, 0.25]), "val_mean_dice": np.float32(0.4), "loss": torch.tensor(1.5),
-         "nested": {"a": 1}, "note": "text"},
-        prefix="val", names=["background", "spleen"])
-    assert values == {"val_dice_background": 0.5, "val_dice_spleen": 0.25, "val_mean_dice": pytest.approx(0.4),
-                      "val_loss": 1.5, "val_nested_a": 1.0}
+        {"dice": 0.5, "val_mean_dice": np.float32(0.4), "hd95": float("nan"), "nested": {"a": 1}, "note": "text"},
+        prefix="val")
+    assert values == {"val_dice": 0.5, "val_mean_dice": pytest.approx(0.4), "val_nested_a": 1.0}
     assert skipped == ["val_note"]
 
 
@@ -57,8 +55,7 @@ def test_profile_facts_get_documented_names_in_mib():
     result = ProfileResult("lunet_small_8f", (1, 1, 64, 64, 64), "cpu", params=1000, size_mb=0.5, macs=10**9,
                            skip_bytes=3 * mib, latency_ms=12.0, peak_infer_bytes=100 * mib,
                            peak_train_bytes=300 * mib, train_latency_ms=40.0)
-    logged = Tracker(enabled=False).log_profile(result)
-    assert logged == {"model_params": 1000, "model_size_mb": 0.5, "model_macs": 1e9, "skip_memory_mb": 3.0,
+    assert result.metrics() == {"model_params": 1000, "model_size_mb": 0.5, "model_macs": 1e9, "skip_memory_mb": 3.0,
                       "latency_ms": 12.0, "peak_infer_mb": 100.0, "peak_train_mb": 300.0, "train_latency_ms": 40.0}
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from medunet.bench.efficiency import EfficiencyResult
+from medunet.environment import device_description, git_commit
 from medunet.profiling import comparison_rows, markdown_table
 from medunet.profiling.profiler import MIB
-from medunet.tracking.tags import device_description, git_commit
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:

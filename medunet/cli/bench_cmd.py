@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         run_efficiency,
     )
     from medunet.bench.results import efficiency_tables, provenance_line, write_csv
+    from medunet.cli.common import tracker_from_args
     from medunet.networks import get_preset, list_networks
-    from medunet.tracking import tracker_from_args
 
     networks = list(dict.fromkeys(args.networks or (QUICK_NETWORKS if args.quick else BENCH_NETWORKS)))
     if networks == ["all"]:
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "efficiency.json").write_text(json.dumps([r.as_dict() for r in results], indent=2, default=str), encoding="utf-8")
         for result in results:
             shape = "x".join(map(str, result.profile.input_shape))
-            tracker.log_profile(result.profile, prefix=f"{result.profile.name}.{shape}")
+            tracker.log_results(result.profile, prefix=f"{result.profile.name}.{shape}")
 
         rows = plot = None
         if accuracy is not None:

@@ -87,6 +87,14 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-tracking", action="store_true", help="do not track this run in MLflow")
 
 
+def tracker_from_args(args: argparse.Namespace, run_dir: Any = None, run_name: str | None = None, **kwargs: Any) -> Any:
+    """The :class:`~medunet.tracking.Tracker` the tracking options ask for (disabled with ``--no-tracking``)."""
+    from medunet.tracking import Tracker
+
+    return Tracker(tracking_uri=getattr(args, "tracking_uri", None), experiment=getattr(args, "experiment", "medunet"),
+                   run_name=run_name, run_dir=run_dir, enabled=not getattr(args, "no_tracking", False), **kwargs)
+
+
 def tracking_settings(args: argparse.Namespace) -> dict[str, object]:
     """Workflow keys for the ``--tracking-uri/--experiment/--no-tracking`` options (None: the workflow's)."""
     settings: dict[str, object] = {"experiment": args.experiment}

@@ -70,13 +70,15 @@ def _read_provenance(path: Path | None) -> dict | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from medunet.tracking import tracker_from_args
+    from medunet.cli.common import tracker_from_args
+    from medunet.tracking import push_evaluation_folder
 
     parse_tolerances(args.tolerance_mm)  # a bad --tolerance-mm fails now, before any case is read
-    with tracker_from_args(args, args.out or args.pred / "evaluation", tags={"kind": "evaluate"}) as tracker:
+    out_dir = args.out or args.pred / "evaluation"
+    with tracker_from_args(args, out_dir, tags={"kind": "evaluate"}) as tracker:
         tracker.log_params({"pred": str(args.pred), "ref": str(args.ref), "tolerance_mm": args.tolerance_mm})
         result = _run(args)
-        tracker.log_evaluation(result)
+        push_evaluation_folder(out_dir, tracker)
     _print(result)
     print(tracker.describe())
     return 0

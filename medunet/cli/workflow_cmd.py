@@ -113,8 +113,8 @@ def _infer(args: argparse.Namespace) -> int:
     import time
 
     from medunet.checks import check_writable_dir
+    from medunet.cli.common import tracker_from_args
     from medunet.engines.inference import plan_outputs, predict_run
-    from medunet.tracking import tracker_from_args
 
     check_writable_dir(args.output or args.run_dir / "predictions", "--output")
     plan_outputs(args.input, args.output or args.run_dir / "predictions")  # refuse overwriting inputs up front

@@ -16,7 +16,7 @@ from medunet.evaluation import evaluate_folders
 from medunet.evaluation.cases import case_name
 from medunet.evaluation.provenance import file_sha256
 from medunet.run_folder import MODEL_FILE, PREDICTIONS_DIR, read_run_record
-from medunet.tracking import Tracker
+from medunet.tracking import Tracker, push_evaluation_folder
 
 PHANTOM_DATALIST = "folds.json"
 #: The demo's task folder inside ``--out`` (``runs/demo/Task91_PhantomMRI``), made once and reused.
@@ -115,7 +115,7 @@ def run_demo(
     with Tracker(settings.get("tracking_uri"), settings.get("experiment", "medunet"), run_name="demo-evaluation",
                  run_dir=run_dir / "evaluation", enabled=settings.get("tracking", True), tags={"kind": "evaluate"}) as tracker:
         tracker.log_params({"network": {"name": record.network.name}, "fold": record.fold, "data": str(task_dir)})
-        tracker.log_evaluation(evaluation)
+        push_evaluation_folder(run_dir / "evaluation", tracker)
     dice = {name: evaluation.mean("dice", label=value) for value, name in evaluation.labels.items() if value != 0}
     summary = {
         "training": training,

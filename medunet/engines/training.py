@@ -66,7 +66,6 @@ from medunet.data import (
 )
 from medunet.engines.checkpoint import (
     KEY_METRIC,
-    METRICS_CSV,
     MODEL_FILE,
     RESUME_FILE,
     RunRecorder,
@@ -75,20 +74,18 @@ from medunet.engines.checkpoint import (
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.engines.guards import NonFiniteLossGuard
+from medunet.environment import device_description
 from medunet.errors import MedunetError
 from medunet.run_folder import (
-    CONFIG_FILE,
-    TRACKING_FILE,
+    PROFILE_FILE,
     WORKFLOW_FILE,
     NetworkRecord,
     RunRecord,
     Session,
     is_run_folder,
-    read_json_file,
     read_run_record,
     write_run_record,
 )
-from medunet.tracking.tags import device_description
 
 logger = logging.getLogger("medunet.train")
 
@@ -131,8 +128,11 @@ class SegmentationTraining:
         resume: continue from ``RUN_DIR/checkpoints/checkpoint_last.pt`` when present.
         check_data: run ``assert_task_ok`` on the task and datalist before building anything.
         progress: show progress bars (rank 0).
-        extra_handlers: more handlers attached to the trainer (objects with ``attach(engine)``).
+        extra_handlers: more handlers attached to the trainer after the run's recorder (objects with
+            ``attach(engine)``), e.g. :class:`medunet.tracking.RunFolderTracking` to mirror the run into MLflow.
         extra_val_handlers: more handlers attached to the evaluator.
+        profile_memory: measure the peak memory for ``RUN_DIR/profile.json`` (the model facts at the training
+            batch, written once when training starts; a few seconds in a fresh process).
 
     Example::
 
@@ -173,9 +173,6 @@ class SegmentationTraining:
         progress: bool = True,
         extra_handlers: Sequence[Any] = (),
         extra_val_handlers: Sequence[Any] = (),
-        tracking: bool = True,
-        tracking_uri: str | None = None,
-        experiment: str = "medunet",
         profile_memory: bool = True,
     ) -> None:
         # Every setting is checked here, before data or engines are built: a bad value fails at once with one line
@@ -232,9 +229,6 @@ class SegmentationTraining:
         self.progress = bool(progress)
         self.extra_handlers = list(extra_handlers)
         self.extra_val_handlers = list(extra_val_handlers)
-        self.tracking = bool(tracking)
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
         self.profile_memory = bool(profile_memory)
         self.trainer: SupervisedTrainer | None = None
         self.evaluator: SupervisedEvaluator | None = None
@@ -428,8 +422,25 @@ class SegmentationTraining:
             provenance=json.loads(json.dumps(provenance, default=str)),
         )
         write_run_record(record, self.run_dir)
+        if not (self.run_dir / PROFILE_FILE).is_file():
+            self._write_profile()
         if self._workflow is not None:
             atomic_write_text(json.dumps(self._workflow, indent=2) + "\n", self.run_dir / WORKFLOW_FILE)
+
+    def _write_profile(self) -> None:
+        """``RUN_DIR/profile.json``: parameters, multiply-adds, memory and latency at the training batch."""
+        from medunet.profiling import profile
+
+        shape = (self.batch_size * self.num_samples, self.preset.in_channels, *self.preset.patch_size)
+        try:
+            result = profile(self.network, shape, device=str(self.context.device), train=True,
+                             memory=self.profile_memory, repeats=1, name=self.network_name)
+        except (RuntimeError, ValueError) as error:  # the model facts are extra: never fail a training for them
+            logger.warning("could not profile %s at %s: %s", self.network_name, shape, error)
+            return
+        self.network.train()
+        atomic_write_text(json.dumps({"params": result.as_params(), "metrics": result.metrics()}, indent=2) + "\n",
+                          self.run_dir / PROFILE_FILE)
 
     def _earlier_sessions(self) -> list[Session]:
         """The sessions before this one that trained the epochs this one resumes after."""
@@ -465,10 +476,7 @@ class SegmentationTraining:
                 self._write_records()
             if self.resumed_from_epoch and context.is_main:
                 print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
-            if self.tracking and context.is_main:
-                self._run_tracked()
-            else:
-                self.trainer.run()
+            self.trainer.run()
         barrier(context)
         return {
             "run_dir": str(self.run_dir),
@@ -481,44 +489,6 @@ class SegmentationTraining:
             "resumed_from_epoch": self.resumed_from_epoch,
             "last": recorder.history[-1] if recorder.history else {},
         }
-
-
-    def _run_tracked(self) -> None:
-        """Train inside an MLflow run: config, per-epoch losses/Dice/learning rate, the profiler's model
-        facts at the training patch, the best checkpoint and the metrics table."""
-        from medunet.profiling import profile
-        from medunet.tracking import MLflowTrackingHandler, Tracker
-
-        labels = [name for value, name in sorted(self.preset.labels.items()) if value != 0]
-        previous = read_json_file(self.run_dir / TRACKING_FILE, "the MLflow run of this training") or {}
-        resume_run_id = previous.get("run_id") if self.resumed_from_epoch and isinstance(previous, dict) else None
-        with Tracker(self.tracking_uri, self.experiment, run_name=self.run_dir.name, run_dir=self.run_dir,
-                     tags={"kind": "train"}, device=str(self.context.device),
-                     resume_run_id=resume_run_id if isinstance(resume_run_id, str) else None) as tracker:
-            if tracker.run_id:  # a resumed training continues this MLflow run
-                atomic_write_text(json.dumps({"tracking_uri": tracker.uri, "experiment": self.experiment,
-                                              "run_id": tracker.run_id}, indent=2) + "\n", self.run_dir / TRACKING_FILE)
-            tracker.log_config(self.run_dir / CONFIG_FILE)
-            MLflowTrackingHandler(tracker, label_names=labels).attach(self.trainer, self.evaluator)
-
-            def log_per_label(engine: Any) -> None:  # the recorder holds Dice per label from MeanDice's details
-                row = self.recorder.history[-1] if self.recorder.history else {}
-                tracker.log_metrics({k: v for k, v in row.items() if k.startswith("val_dice_") or k == "epoch_seconds"},
-                                    step=engine.state.epoch)
-
-            self.trainer.add_event_handler(Events.EPOCH_COMPLETED, log_per_label)
-            self.trainer.run()
-            # At the training batch: the training-step figures are then those of this run.
-            shape = (self.batch_size * self.num_samples, self.preset.in_channels, *self.preset.patch_size)
-            try:
-                tracker.log_profile(profile(self.network, shape, device=str(self.context.device), train=True,
-                                            memory=self.profile_memory, repeats=1, name=self.network_name))
-            except (RuntimeError, ValueError) as error:  # tracking must never fail a finished training
-                logger.warning("could not profile %s at %s for MLflow: %s", self.network_name, shape, error)
-            for path, folder in ((self.run_dir / MODEL_FILE, "models"), (self.run_dir / METRICS_CSV, None)):
-                if path.is_file():
-                    tracker.log_artifact(path, folder)
-            print(tracker.describe())
 
 
 def _tqdm_write(message: str) -> None:

@@ -36,6 +36,7 @@ from medunet.errors import MedunetError
 from medunet.evaluation import cases as case_io
 from medunet.evaluation.aggregate import FOREGROUND, aggregate, foreground_per_case
 from medunet.evaluation.metrics import (
+    COUNT_METRICS,
     DEFAULT_TOLERANCE_MM,
     FAILURE_STATUSES,
     empty_prediction_metrics,
@@ -73,6 +74,24 @@ class EvaluationResult:
     def mean(self, metric: str = "dice", label: int | str = FOREGROUND) -> float:
         """Mean of a metric over cases for one label value or ``"foreground"``."""
         return self.aggregates[str(label)][metric]["mean"]
+
+    def metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """Plain numbers for tracking: ``<prefix>_<metric>_<label name>`` (mean over cases) and
+        ``<prefix>_n_cases``; counts (TP, FP, ...) are left to ``cases.csv``."""
+        names = {str(value): str(name) for value, name in self.labels.items()}
+        values: dict[str, float] = {}
+        for label_key, per_metric in self.aggregates.items():
+            label = names.get(str(label_key), str(label_key))
+            for metric, stats in per_metric.items():
+                if metric not in COUNT_METRICS:
+                    values[f"{prefix}_{metric}_{label}"] = float(stats["mean"])
+                    values.setdefault(f"{prefix}_n_cases", float(stats.get("n_cases", float("nan"))))
+        return values
+
+    def as_params(self) -> dict[str, Any]:
+        """What was evaluated (the provenance given by the caller), as plain data."""
+        return {"evaluation": {key: value for key, value in self.provenance.items()
+                               if isinstance(value, (str, int, float, bool))}}
 
     def foreground_per_case(self) -> list[dict[str, float]]:
         """One row per case, its foreground labels combined (see :mod:`medunet.evaluation.aggregate`)."""
@@ -299,7 +318,8 @@ def _write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     result.files["cases_csv"] = write_case_csv(result.rows, out_dir / "cases.csv")
-    extra = {"labels": result.labels, "problems": result.problems, "provenance": result.provenance}
+    extra = {"labels": result.labels, "problems": result.problems, "provenance": result.provenance,
+             "metrics": result.metrics()}  # plain numbers, what tracking logs for this folder
     summary = summary_json(result.rows, result.aggregates, extra)
     result.files["summary_json"] = write_summary_json(summary, out_dir / "summary.json")
     if report:

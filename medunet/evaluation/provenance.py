@@ -8,13 +8,14 @@ module adds the software versions, the machine, and the evaluation's own runtime
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import platform
 import resource
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from medunet.environment import software_versions
 
 # The fields a clinical-style report lists, in order, even when not given (shown as "not given").
 REPORTED_FIELDS = (
@@ -29,7 +30,6 @@ REPORTED_FIELDS = (
     "inference_runtime_s",
     "inference_peak_memory_mb",
 )
-_PACKAGES = ("medunet", "monai", "torch", "numpy", "scipy", "SimpleITK", "nibabel", "matplotlib")
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -39,18 +39,6 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := stream.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def software_versions(extra: Sequence[str] = ()) -> dict[str, str]:
-    """Versions of Python and of the packages the numbers depend on, plus ``extra`` packages
-    (``not installed`` when absent)."""
-    versions = {"python": platform.python_version()}
-    for package in (*_PACKAGES, *extra):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def this_machine() -> str:

@@ -48,6 +48,26 @@ class ProfileResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """The model facts as plain numbers (MB = MiB, as ``medunet profile`` prints them); unmeasured ones
+        are left out rather than invented."""
+        facts = {
+            "model_params": self.params,
+            "model_size_mb": self.size_mb,
+            "model_macs": self.macs,
+            "skip_memory_mb": self.skip_bytes / MIB,
+            "latency_ms": self.latency_ms,
+            "peak_infer_mb": None if self.peak_infer_bytes is None else self.peak_infer_bytes / MIB,
+            "peak_train_mb": None if self.peak_train_bytes is None else self.peak_train_bytes / MIB,
+            "train_latency_ms": self.train_latency_ms,
+        }
+        return {key: float(value) for key, value in facts.items() if value is not None}
+
+    def as_params(self) -> dict[str, Any]:
+        """What was profiled: network, input shape, device and how memory was measured."""
+        return {"profile": {"network": self.name, "input_shape": "x".join(map(str, self.input_shape)),
+                            "device": self.device, "memory_method": self.memory_method or "not measured"}}
+
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1x1x128x128x128"`` -> ``(1, 1, 128, 128, 128)``."""

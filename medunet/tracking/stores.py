@@ -1,43 +1,28 @@
 """Where a run is tracked: resolving the tracking URI, the local SQLite stores, and store failures.
 
-Resolution of the tracking URI, first match wins:
-
-1. the explicit argument (``--tracking-uri``);
-2. the ``MLFLOW_TRACKING_URI`` environment variable;
-3. the default local store ``sqlite:///<cwd>/mlruns/mlruns.db``, artifacts in ``<cwd>/mlruns/artifacts``.
-
-One store per working directory (not one per run directory) so that all runs started from a project
+The tracking URI is the explicit argument (``--tracking-uri``), else ``$MLFLOW_TRACKING_URI``, else the local
+store ``sqlite:///<cwd>/mlruns/mlruns.db`` (artifacts in ``<cwd>/mlruns/artifacts``). One store per working directory (not one per run directory) so that all runs started from a project
 folder can be compared side by side in ``mlflow ui --backend-store-uri sqlite:///mlruns/mlruns.db``.
 A plain path or ``file://`` URI names a local store too (a ``.db`` file, or a folder that holds
 ``mlruns.db``): MLflow 3 no longer accepts the file store, so medunet maps such paths to SQLite.
 
-When a store fails (server unreachable, database locked, ...) the run continues in the fallback store
-``<run_dir>/mlruns/mlruns.db`` (or the default local store when there is no run directory).
+When a store fails (server unreachable, database locked, ...) tracking stops with one warning; the command
+goes on, and ``medunet track FOLDER`` pushes the folder's records once the store is back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 STORE_FOLDER = "mlruns"
 STORE_FILE = "mlruns.db"
 ARTIFACT_FOLDER = "artifacts"
 
-# HTTP limits while talking to a tracking server, unless the user set these variables: the first call
-# probes (no retry, short timeout) so an unreachable server costs seconds, not MLflow's default minutes
-# of retries; later calls allow one retry so a blip does not move the run to the fallback store.
-PROBE_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-RUN_HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-}
-# MLflow error codes meaning "the store is fine but refused this one value": not a reason to fall back.
+# MLflow error codes meaning "the store is fine but refused this one value": not a reason to stop tracking.
 REJECTED_VALUE_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE"})
 
 
@@ -98,24 +83,42 @@ def prepare_store(uri: str) -> None:
         database.parent.mkdir(parents=True, exist_ok=True)
 
 
-@contextlib.contextmanager
-def http_limits(probe: bool) -> Iterator[None]:
-    """Temporarily set MLflow's HTTP retry/timeout variables that the user has not set themselves."""
-    limits = PROBE_HTTP_LIMITS if probe else RUN_HTTP_LIMITS
-    added = {key: value for key, value in limits.items() if key not in os.environ}
-    os.environ.update(added)
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Raise ``ConnectionError`` if a tracking server does not answer ``/health`` within ``timeout_s``.
+
+    Asked before each request, so a server that is down costs seconds rather than MLflow's minutes of
+    retries, without changing MLflow's settings (environment variables) for the rest of the process.
+    """
+    if not is_remote(uri):
+        return
+    import urllib.request
+
     try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+    except OSError as error:
+        raise ConnectionError(f"{uri} does not answer: {error}") from None
+    raise ConnectionError(f"{uri}/health answered {response.status}")
+
+
+def create_experiment(client: Any, name: str, uri: str) -> str:
+    """Create experiment ``name`` (artifacts beside a local database); the id, also if created meanwhile."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location(uri))
+    except MlflowException as error:  # created meanwhile by a concurrent run
+        if getattr(error, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def is_rejected_value(error: BaseException) -> bool:
     """True when the store answered and refused one value (e.g. a parameter logged twice, changed).
 
     Anything else (connection refused, timeout, HTTP 5xx, locked or unwritable database, missing
-    permission) means the store cannot take the run, and the tracker moves to its fallback store.
+    permission) means the store cannot take the run, and tracking stops.
     """
     return getattr(error, "error_code", None) in REJECTED_VALUE_CODES
 
@@ -125,7 +128,7 @@ def short_error(error: BaseException, limit: int = 200) -> str:
     while type(error).__name__ in ("MlflowException", "RestException") and (error.__cause__ or error.__context__):
         error = error.__cause__ or error.__context__  # type: ignore[assignment]
     text = " ".join(str(error).split()) or type(error).__name__
-    socket_error = re.search(r"\[Errno \d+\][^\"')]*", text)
+    socket_error = re.search(r"\[Errno \d+\][^\"')>]*", text)
     if socket_error and not text.startswith("[Errno"):  # requests' "HTTPConnectionPool(...): ... [Errno 111] ..."
         text = socket_error.group(0).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."

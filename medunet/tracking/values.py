@@ -7,9 +7,11 @@ are strings of at most 6000 characters, tag values 8000; metric values are float
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 MAX_KEY_LENGTH = 250
@@ -31,15 +33,8 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def param_text(value: Any) -> str:
-    """A parameter value as text: lists and dicts as compact JSON, paths and others by ``str``."""
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=str, separators=(",", ":"))
-    return str(value)
-
-
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dicts as ``a.b.c`` keys; values as text clipped to MLflow's 6000 characters.
+    """Nested dicts as ``a.b.c`` keys; values as text (lists and dicts as compact JSON), clipped to 6000.
 
     >>> flatten_params({"network": {"name": "lunet_small_8f", "dropout": 0.1}, "fold": 0})
     {'network.name': 'lunet_small_8f', 'network.dropout': '0.1', 'fold': '0'}
@@ -50,76 +45,28 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, name))
         else:
-            flat[clean_key(name)] = clip(param_text(value), MAX_PARAM_LENGTH)
+            text = json.dumps(value, default=str, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
+            flat[clean_key(name)] = clip(text, MAX_PARAM_LENGTH)
     return flat
 
 
-def as_float(value: Any) -> float | None:
-    """A number (Python, NumPy or one-element tensor) as float; None for anything else."""
-    if isinstance(value, bool):
-        return float(value)
-    if hasattr(value, "numel") and hasattr(value, "item"):  # torch.Tensor without importing torch
-        return float(value.item()) if value.numel() == 1 else None
-    if hasattr(value, "size") and hasattr(value, "item"):  # numpy scalar or array
-        return float(value.item()) if value.size == 1 else None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], list[str]]:
+    """Plain numbers as ``{key: float}`` (nested dicts as ``key_sub``; NaN left out), and the keys that are
+    not numbers.
 
-
-def flatten_metrics(
-    metrics: Mapping[str, Any], prefix: str = "", names: Sequence[str] | Mapping[int, str] | None = None
-) -> tuple[dict[str, float], list[str]]:
-    """Metric values as ``{key: float}`` and the keys whose values are not numbers.
-
-    Nested dicts become ``key_sub``; vectors (a per-label Dice tensor from ``reduction="mean_batch"``,
-    a list) become one metric per entry, ``key_<name>`` with ``names[i]`` when given else ``key_<i>``.
     ``prefix`` is put in front of keys that do not start with it yet (``dice`` -> ``val_dice``).
     """
     flat: dict[str, float] = {}
     skipped: list[str] = []
     for key, value in metrics.items():
-        name = str(key)
-        if prefix and not name.startswith(prefix):
-            name = f"{prefix}_{name}"
-        number = as_float(value)
-        if number is not None:
-            flat[clean_key(name)] = number
-            continue
-        entries = _entries(value, names)
-        if entries is None:
-            skipped.append(name)
-            continue
-        sub_flat, sub_skipped = flatten_metrics(entries, "", names)
-        flat.update({clean_key(f"{name}_{sub}"): v for sub, v in sub_flat.items()})
-        skipped += [f"{name}_{sub}" for sub in sub_skipped]
-    return flat, skipped
-
-
-def _entries(value: Any, names: Sequence[str] | Mapping[int, str] | None) -> dict[str, Any] | None:
-    """The entries of a dict or vector keyed by label name or index; None if not a container."""
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items()}
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        return None
-    flat = list(_flat(value))
-    return {_entry_name(i, names): v for i, v in enumerate(flat)}
-
-
-def _flat(values: Sequence[Any]):
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            yield from _flat(value)
+        name = str(key) if not prefix or str(key).startswith(prefix) else f"{prefix}_{key}"
+        if isinstance(value, Mapping):
+            sub_flat, sub_skipped = flatten_metrics(value)
+            flat.update({clean_key(f"{name}_{sub}"): number for sub, number in sub_flat.items()})
+            skipped += [f"{name}_{sub}" for sub in sub_skipped]
+        elif isinstance(value, numbers.Real):  # Python and NumPy numbers
+            if not math.isnan(value):  # NaN (a 0/0 Dice) is no figure: left out, not warned about
+                flat[clean_key(name)] = float(value)
         else:
-            yield value
-
-
-def _entry_name(index: int, names: Sequence[str] | Mapping[int, str] | None) -> str:
-    if isinstance(names, Mapping):
-        return str(names.get(index, index))
-    if names is not None and index < len(names):
-        return str(names[index])
-    return str(index)
+            skipped.append(name)
+    return flat, skipped

@@ -1,19 +1,30 @@
-"""The tags every medunet run gets: git commit, package versions, device, host, user, command line."""
+"""Where a figure was made: software versions, the git commit, the device. Read by evaluation reports,
+training records, benchmark pages and tracking alike, so it sits below all of them."""
 
 from __future__ import annotations
 
-import getpass
+import importlib.metadata
 import platform
-import shlex
 import subprocess
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from medunet.evaluation.provenance import software_versions
 from medunet.paths import REPO_ROOT
 
-# Tracking adds the packages that shape a training run to those the evaluation reports.
-_TRACKING_PACKAGES = ("pytorch-ignite", "mlflow")
+#: The packages the numbers depend on.
+PACKAGES = ("medunet", "monai", "torch", "numpy", "scipy", "SimpleITK", "nibabel", "matplotlib",
+            "pytorch-ignite", "mlflow")
+
+
+def software_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Versions of Python and of :data:`PACKAGES` plus ``extra`` (``not installed`` when absent)."""
+    versions = {"python": platform.python_version()}
+    for package in (*PACKAGES, *extra):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 def git_commit(folders: tuple[Path, ...] | None = None) -> tuple[str, bool] | None:
@@ -35,12 +46,6 @@ def git_commit(folders: tuple[Path, ...] | None = None) -> tuple[str, bool] | No
     return None
 
 
-def package_versions() -> dict[str, str]:
-    """Python and package versions: those of :func:`~medunet.evaluation.provenance.software_versions`,
-    plus ignite and mlflow."""
-    return software_versions(extra=_TRACKING_PACKAGES)
-
-
 def device_name(device: str | None = None) -> str:
     """``cpu`` or the GPU's name (``NVIDIA H100 80GB HBM3``) of ``device`` (default: cuda when present)."""
     import torch
@@ -58,25 +63,3 @@ def device_description(device: str | None = None) -> str:
 
     name = device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)" if name == "cpu" else name
-
-
-def run_tags(device: str | None = None) -> dict[str, str]:
-    """The automatic tags of a run. MLflow's own keys where it has one (the UI shows those)."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        user = "unknown"
-    tags = {
-        "mlflow.user": user,
-        "mlflow.source.name": sys.argv[0] if sys.argv and sys.argv[0] else "python",
-        "mlflow.source.type": "LOCAL",
-        "command": shlex.join(sys.argv) if sys.argv else "",
-        "host": platform.node() or "unknown",
-        "device": device_name(device),
-    }
-    commit = git_commit()
-    if commit is not None:
-        tags["mlflow.source.git.commit"], dirty = commit
-        tags["git_dirty"] = str(dirty).lower()
-    tags.update({f"version.{name}": version for name, version in package_versions().items()})
-    return tags
