@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medunet.errors import MedunetError
+from medunet.image_files import NIFTI_SUFFIXES, has_suffix
 
 PathLike = str | Path
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(suffix) for suffix in suffixes)
 
 
 _CHUNK = 1 << 20
@@ -224,7 +218,7 @@ def verify_complete(path: PathLike) -> None:
     if path.is_dir() or not path.is_file():
         return  # a DICOM series, or a missing file the reader reports
     problem: tuple[Path, str] | None = None
-    if _has_suffix(path, NIFTI_SUFFIXES):
+    if has_suffix(path, NIFTI_SUFFIXES):
         import nibabel as nib  # here, not at the top: evaluate imports this module without the imaging stack
 
         try:
@@ -232,14 +226,14 @@ def verify_complete(path: PathLike) -> None:
         except Exception:  # noqa: BLE001 - not a NIfTI header: the reader that follows reports it
             return
         offset, nbytes = nifti_voxel_bytes(image)
-        if _has_suffix(path, (".nii.gz",)):
+        if has_suffix(path, (".nii.gz",)):
             detail = _compressed_problem(path, 0, offset + nbytes)
         else:
             detail = _raw_problem(path, offset, nbytes)
         problem = (path, detail) if detail else None
-    elif _has_suffix(path, (".mha", ".mhd")):
+    elif has_suffix(path, (".mha", ".mhd")):
         problem = _metaimage_problem(path)
-    elif _has_suffix(path, (".nrrd", ".nhdr")):
+    elif has_suffix(path, (".nrrd", ".nhdr")):
         problem = _nrrd_problem(path)
     if problem is not None:
         raise IncompleteFileError(*problem)

@@ -287,7 +287,7 @@ def _tiny_training(task_dir: Path, run_dir: Path, extra_handlers=()) -> Segmenta
     network = create_network("lunet_small_4f", spatial_dims=3, in_channels=1, out_channels=3)
     return SegmentationTraining(run_dir, task_dir, datalist, 0, network, network_name="lunet_small_4f", max_epochs=3,
                                 epoch_length=2, batch_size=1, num_samples=2, patch_size=(16, 16, 16), sw_batch_size=2,
-                                cache="none", progress=False, tracking=False, profile_memory=False, check_data=False,
+                                cache="none", progress=False, profile_memory=False, check_data=False,
                                 extra_handlers=extra_handlers)
 
 

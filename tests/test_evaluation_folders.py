@@ -15,7 +15,7 @@ from medunet.cli import main
 from medunet.cli.evaluate_cmd import parse_tolerances
 from medunet.errors import MedunetError
 from medunet.evaluation import evaluate_folders
-from medunet.evaluation.cases import parse_labels
+from medunet.evaluation.cases import foreground_labels
 
 SPACING = (1.0, 1.5, 2.0)
 
@@ -126,10 +126,10 @@ def test_labels_inferred_from_references_when_no_dataset_json(tmp_path):
 
 
 def test_dataset_json_labels_in_both_directions():
-    assert parse_labels({"0": "background", "1": "Anterior", "2": "Posterior"}) == {1: "Anterior", 2: "Posterior"}
-    assert parse_labels({"background": 0, "spleen": 1}) == {1: "spleen"}
+    assert foreground_labels({"0": "background", "1": "Anterior", "2": "Posterior"}) == {1: "Anterior", 2: "Posterior"}
+    assert foreground_labels({"background": 0, "spleen": 1}) == {1: "spleen"}
     with pytest.raises(MedunetError, match="region"):
-        parse_labels({"background": 0, "whole tumour": [1, 2, 3]})
+        foreground_labels({"background": 0, "whole tumour": [1, 2, 3]})
 
 
 def test_parallel_workers_give_the_same_rows_as_serial(folders, tmp_path):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medunet.data.readers import strip_image_suffix
 from medunet.errors import MedunetError
+from medunet.image_files import parse_labels, strip_image_suffix
 
 DATASET_JSON = "dataset.json"
 REQUIRED_KEYS = ("labels", "training")
@@ -88,31 +88,6 @@ class MSDTask:
     def is_ct(self) -> bool:
         """Whether every channel is CT (Hounsfield units)."""
         return all(modality.upper() == "CT" for modality in self.modalities.values())
-
-
-def parse_labels(labels: dict[str, Any]) -> dict[int, str]:
-    """``{"0": "background", ...}`` or the inverted ``{"background": 0, ...}`` -> ``{0: "background", ...}``.
-
-    Args:
-        labels: the ``labels`` value of ``dataset.json``.
-    """
-    if not isinstance(labels, dict) or not labels:
-        raise MedunetError(
-            f"dataset.json 'labels' must be a non-empty object, got {labels!r}. "
-            'Fix: write it as {"0": "background", "1": "organ"}.'
-        )
-    parsed: dict[int, str] = {}
-    for key, value in labels.items():
-        if str(key).lstrip("-").isdigit():
-            parsed[int(key)] = str(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            parsed[value] = str(key)
-        else:
-            raise MedunetError(
-                f"dataset.json 'labels' entry {key!r}: {value!r} is neither 'value: name' nor 'name: value' "
-                '(region lists are not supported). Fix: write it as {"0": "background", "1": "organ"}.'
-            )
-    return dict(sorted(parsed.items()))
 
 
 def parse_modalities(raw: dict[str, Any]) -> dict[int, str]:

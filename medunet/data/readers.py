@@ -29,17 +29,20 @@ from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from medunet.image_files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    SIMPLEITK_SUFFIXES,
+    has_suffix,
+    strip_image_suffix,
+)
 from medunet.integrity import IncompleteFileError, nifti_voxel_bytes, verify_complete
 
-__all__ = ["IncompleteFileError", "verify_complete"]  # re-exported: the readers' completeness check
+# Re-exported: the readers' completeness check and the suffixes they claim (defined in medunet.image_files).
+__all__ = ["IMAGE_SUFFIXES", "IncompleteFileError", "has_suffix", "strip_image_suffix", "verify_complete"]
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# Formats the default chain sends to SimpleITK; NIfTI stays with nibabel unless asked for explicitly.
-SIMPLEITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + SIMPLEITK_SUFFIXES
 
 
 def simpleitk():
@@ -47,20 +50,6 @@ def simpleitk():
     import SimpleITK
 
     return SimpleITK
-
-
-def has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
-    """Whether ``path`` ends with one of ``suffixes`` (case-insensitive, ``.nii.gz`` counts as one)."""
-    name = str(path).lower()
-    return any(name.endswith(suffix) for suffix in suffixes)
-
-
-def strip_image_suffix(name: str) -> str:
-    """``hippocampus_003.nii.gz`` -> ``hippocampus_003``; a DICOM folder name is returned unchanged."""
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _dicom_series_files(folder: Path) -> list[str]:

@@ -13,8 +13,8 @@ from medunet.engines.config import WORKFLOWS_DIR, build_overrides, run_workflow
 from medunet.engines.inference import predict_run
 from medunet.errors import MedunetError
 from medunet.evaluation import evaluate_folders
-from medunet.evaluation.cases import case_name
 from medunet.evaluation.provenance import file_sha256
+from medunet.image_files import case_name
 from medunet.run_folder import MODEL_FILE, PREDICTIONS_DIR, read_run_record
 from medunet.tracking import Tracker, push_evaluation_folder
 

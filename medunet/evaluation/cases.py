@@ -20,8 +20,8 @@ import numpy as np
 
 from medunet.atomic import is_hidden
 from medunet.errors import MedunetError
+from medunet.image_files import VOLUME_SUFFIXES, case_name, has_suffix, parse_labels
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
 
 
@@ -55,15 +55,6 @@ class Geometry:
         return None
 
 
-def case_name(path: Path) -> str:
-    """The case name of an image file: its name without the image suffix."""
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def list_images(folder: Path, what: str) -> dict[str, Path]:
     """All image files directly in ``folder`` by case name; ``what`` names the folder in errors.
 
@@ -74,7 +65,7 @@ def list_images(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MedunetError(f"{what} folder {folder} does not exist: pass the folder that holds the .nii.gz files")
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and not is_hidden(p))
+                   if p.is_file() and has_suffix(p, VOLUME_SUFFIXES) and not is_hidden(p))
     by_name: dict[str, Path] = {}
     for path in files:
         name = case_name(path)
@@ -85,7 +76,7 @@ def list_images(folder: Path, what: str) -> dict[str, Path]:
         by_name[name] = path
     if not by_name:
         raise MedunetError(
-            f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): check the path"
+            f"{what} folder {folder} holds no images ({', '.join(VOLUME_SUFFIXES)}): check the path"
         )
     return by_name
 
@@ -113,7 +104,7 @@ def match_cases(pred_dir: Path, ref_dir: Path) -> tuple[list[CasePair], list[str
 
 def find_image(images_dir: Path, name: str) -> Path | None:
     """The image of a case in ``images_dir`` (``case`` or nnU-Net's ``case_0000``), or None."""
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in VOLUME_SUFFIXES:
         for stem in (name, f"{name}_0000"):
             path = Path(images_dir) / f"{stem}{suffix}"
             if path.is_file():
@@ -157,24 +148,13 @@ def read_labels(dataset_json: Path) -> dict[int, str]:
         labels = json.loads(Path(dataset_json).read_text(encoding="utf-8"))["labels"]
     except (OSError, ValueError, KeyError) as error:
         raise MedunetError(f"cannot read 'labels' from {dataset_json}: {error}") from None
-    return parse_labels(labels, source=str(dataset_json))
+    return foreground_labels(labels, source=str(dataset_json))
 
 
-def parse_labels(labels: Mapping, source: str = "labels") -> dict[int, str]:
-    """Accept ``{"0": "background", "1": "Anterior"}`` (MSD) or ``{"background": 0, "Anterior": 1}``."""
-    parsed: dict[int, str] = {}
-    for key, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            raise MedunetError(
-                f"{source}: label {key!r} is a region {value}; region-based labels are not supported, "
-                "evaluate each label value separately"
-            )
-        value_is_int = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
-        label, name = (int(value), str(key)) if value_is_int and not str(key).isdigit() else (int(key), str(value))
-        parsed[label] = name
+def foreground_labels(labels: Mapping, source: str = "labels") -> dict[int, str]:
+    """:func:`medunet.image_files.parse_labels` without the background (0): the labels to score."""
+    parsed = parse_labels(labels, source)
     parsed.pop(0, None)
-    if not parsed:
-        raise MedunetError(f"{source} defines no foreground label (only background)")
     return parsed
 
 

@@ -294,7 +294,7 @@ def _resolve_labels(
     labels: Mapping | None, dataset_json: str | Path | None, ref_dir: Path
 ) -> tuple[dict[int, str] | None, Path | None]:
     if labels is not None:
-        return case_io.parse_labels(labels), None
+        return case_io.foreground_labels(labels), None
     dataset_json = Path(dataset_json) if dataset_json else case_io.find_dataset_json(ref_dir)
     if dataset_json is None:
         return None, None
