@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "medunet.cli.evaluate_cmd",
     "medunet.cli.tracking_cmd",
     "medunet.cli.bundle_cmd",
+    "medunet.cli.deploy_cmd",
     "medunet.cli.workflow_cmd",
 )
 

@@ -91,10 +91,18 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
         description="Sliding-window inference with RUN_DIR/models/model.pt; writes OUT/<case>.nii.gz in each "
         "input's original space (same shape and affine), ready for 'medunet evaluate --pred OUT --ref labelsTr'.",
     )
-    parser.add_argument("--run-dir", required=True, type=Path, help="a training run folder (config.json, models/)")
+    parser.add_argument("--run-dir", required=True, type=Path, nargs="+",
+                        help="a training run folder (config.json, models/); several (e.g. the folds of one network) "
+                        "are ensembled: their softmax probabilities are averaged")
     parser.add_argument("--input", required=True, type=Path, nargs="+",
                         help="image files, folders of images (NIfTI/NRRD/MHA), or DICOM series folders")
-    parser.add_argument("--output", type=Path, help="output folder (default: RUN_DIR/predictions)")
+    parser.add_argument("--output", type=Path, help="output folder (default: RUN_DIR/predictions of the first run)")
+    parser.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                        help="torch (default), onnx (fp32) or onnx-int8 (static int8) under onnxruntime; the ONNX "
+                        "models are exported to RUN_DIR/deploy on first use (as 'medunet export-deploy')")
+    parser.add_argument("--tta", choices=("flip",), default=None,
+                        help="test-time mirroring: average the probabilities over all flips of each window (8x work)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and onnxruntime (default: all)")
     parser.add_argument("--checkpoint", default="best", help="'best' (models/model.pt), 'last' or a .pt file")
     parser.add_argument("--device", type=device_name,
                         help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
@@ -114,22 +122,41 @@ def _infer(args: argparse.Namespace) -> int:
 
     from medunet.checks import check_writable_dir
     from medunet.cli.common import tracker_from_args
-    from medunet.engines.inference import plan_outputs, predict_run
+    from medunet.engines.inference import plan_outputs, predict_runs
 
-    check_writable_dir(args.output or args.run_dir / "predictions", "--output")
-    plan_outputs(args.input, args.output or args.run_dir / "predictions")  # refuse overwriting inputs up front
+    output = args.output or args.run_dir[0] / "predictions"
+    check_writable_dir(output, "--output")
+    plan_outputs(args.input, output)  # refuse overwriting inputs up front
 
-    settings = {"run_dir": str(args.run_dir), "inputs": [str(p) for p in args.input], "checkpoint": args.checkpoint,
-                "device": args.device, "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap,
-                "sw_batch_size": args.sw_batch_size, "overwrite": args.overwrite}
-    with tracker_from_args(args, args.output or args.run_dir / "predictions", tags={"kind": "infer"}) as tracker:
-        tracker.log_params({"infer": settings})
-        start = time.perf_counter()
-        written = predict_run(args.run_dir, args.input, args.output, checkpoint=args.checkpoint, device=args.device,
-                              stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                              overwrite=args.overwrite)
-        tracker.log_metrics({"infer_cases": len(written), "infer_seconds": time.perf_counter() - start})
-    out = written[0].parent if written else args.output
+    import torch
+
+    from medunet.engines.distributed import barrier, init_distributed, shutdown
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Under torchrun each rank predicts its share of the cases (i % WORLD_SIZE == RANK); alone, all of them.
+    context = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = {"run_dir": [str(p) for p in args.run_dir], "inputs": [str(p) for p in args.input],
+                "checkpoint": args.checkpoint, "engine": args.engine, "tta": args.tta, "device": args.device,
+                "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+                "overwrite": args.overwrite, "world_size": context.world_size}
+    try:
+        tracking = args if context.is_main else argparse.Namespace(**{**vars(args), "no_tracking": True})
+        with tracker_from_args(tracking, output, tags={"kind": "infer"}) as tracker:
+            tracker.log_params({"infer": settings})
+            start = time.perf_counter()
+            written = predict_runs(args.run_dir, args.input, args.output, checkpoint=args.checkpoint,
+                                   engine=args.engine, threads=args.threads, tta=args.tta, device=context.device,
+                                   stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap,
+                                   sw_batch_size=args.sw_batch_size, overwrite=args.overwrite,
+                                   shard=(context.rank, context.world_size), progress=context.is_main)
+            barrier(context)
+            tracker.log_metrics({"infer_cases": len(written), "infer_seconds": time.perf_counter() - start})
+    finally:
+        shutdown(context)
+    out = written[0].parent if written else output
+    if context.is_distributed:
+        print(f"rank {context.rank}/{context.world_size}: ", end="")
     print(f"wrote {len(written.written)} prediction(s) to {out}")
     if written.skipped:
         print(f"skipped {len(written.skipped)} case(s) whose prediction already exists in {out} "

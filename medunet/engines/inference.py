@@ -9,11 +9,20 @@ skips the cases already predicted unless ``overwrite=True`` (``medunet infer --o
 
 The network runs on ``device`` (CUDA when present); ``stitch_on_cpu=True`` keeps the full-size output and the
 Gaussian weights on the CPU and sends only the windows to the device, for volumes that do not fit in GPU memory.
+
+Engines (``medunet infer --engine``): ``torch`` runs the trained network; ``onnx`` and ``onnx-int8`` run the
+models of ``RUN_DIR/deploy`` (exported on first use by :func:`medunet.deploy.export_deploy`) with onnxruntime,
+through the same preprocessing, stitching and inversion, so every engine writes the same files. The sliding
+window averages softmax probabilities (Gaussian-weighted) of one or several networks (fold ensembling,
+:func:`predict_runs`), each optionally over the mirrored copies of every window (``tta="flip"``: test-time
+mirroring over all spatial axes, :class:`ProbabilityAverage`, usable by a validation evaluator as well).
+Under ``torchrun`` the cases are sharded across the ranks (case ``i`` goes to rank ``i % WORLD_SIZE``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +135,90 @@ def plan_outputs(
     return items, targets
 
 
+#: Sliding-window overlap of inference (``medunet infer --overlap``, the deployment plan); validation uses the run's.
+DEFAULT_OVERLAP = 0.5
+#: Test-time augmentations: None (plain) or "flip" (all mirrorings over the spatial axes).
+TTA_MODES = (None, "flip")
+#: Inference engines: the trained PyTorch network, or its ONNX export (fp32 or static int8) under onnxruntime.
+ENGINES = ("torch", "onnx", "onnx-int8")
+
+
+def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a ``(B, C, *spatial)`` tensor, the empty one (no flip) first."""
+    axes = range(2, 2 + spatial_dims)
+    return [combo for count in range(spatial_dims + 1) for combo in itertools.combinations(axes, count)]
+
+
+class ProbabilityAverage(torch.nn.Module):
+    """The mean softmax probabilities of several networks, each over mirrored copies of its input.
+
+    Fold ensembling and test-time mirroring in one place: for each network and each flip, the input is flipped,
+    the network's logits turned into probabilities and flipped back; the result is their mean. Use it wherever
+    a network goes: ``SlidingWindowInferer()(image, ProbabilityAverage([net], tta="flip"))`` (also in a
+    validation evaluator: argmax of probabilities and of logits agree for one network without flips).
+
+    Args:
+        networks: callables ``(B, C, *spatial) -> logits (B, K, *spatial)``: modules or onnxruntime wrappers.
+        tta: None (no flips) or ``"flip"`` (all ``2**spatial_dims`` mirrorings, nnU-Net's test-time mirroring).
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], tta: str | None = None,
+                 spatial_dims: int = 3) -> None:
+        super().__init__()
+        if tta not in TTA_MODES:
+            raise MedunetError(f"tta {tta!r} is not one of {TTA_MODES}. Fix: pass --tta flip, or leave it out.")
+        if not networks:
+            raise MedunetError("no networks to average. Fix: pass at least one run.")
+        self.members = list(networks)
+        self.networks = torch.nn.ModuleList([m for m in self.members if isinstance(m, torch.nn.Module)])
+        self.flips = mirror_axes(spatial_dims) if tta == "flip" else [()]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for network in self.members:
+            for axes in self.flips:
+                logits = network(image.flip(axes) if axes else image)
+                probabilities = torch.softmax(logits.float(), dim=1)
+                probabilities = probabilities.flip(axes) if axes else probabilities
+                total = probabilities if total is None else total + probabilities
+        assert total is not None
+        return total / (len(self.members) * len(self.flips))
+
+
+class OnnxNetwork:
+    """An ONNX model under onnxruntime (CPU) as a ``tensor -> tensor`` network for MONAI inferers.
+
+    Args:
+        path: the ``.onnx`` file (fixed spatial size, dynamic batch, as :func:`medunet.bundle.onnx.export_onnx`).
+        threads: onnxruntime intra-op threads (default: torch's thread count).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from medunet.deploy.runner import onnx_predictor
+
+        self.path = Path(path)
+        self._predict = onnx_predictor(self.path, threads or torch.get_num_threads())
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        output = self._predict(image.detach().float().cpu().numpy())
+        return torch.from_numpy(output).to(image.device)
+
+
 def predict(
-    network: torch.nn.Module,
+    network: Callable[[torch.Tensor], torch.Tensor] | Sequence[Callable[[torch.Tensor], torch.Tensor]],
     preset: TaskPreset,
     inputs: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 4,
-    overlap: float = 0.5,
+    overlap: float = DEFAULT_OVERLAP,
     device: str | torch.device | None = None,
     stitch_on_cpu: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    tta: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> PredictionFiles:
     """Predict label maps for ``inputs`` and write them to ``output_dir/<case>.nii.gz`` in the original space.
 
@@ -147,7 +228,9 @@ def predict(
     (same case name) are refused before any inference.
 
     Args:
-        network: a trained network (logits out); moved to ``device`` and set to eval mode.
+        network: a trained network (logits out), or several (an ensemble: their probabilities are averaged);
+            modules are moved to ``device`` and set to eval mode, other callables (:class:`OnnxNetwork`) run as
+            they are.
         preset: the preprocessing the network was trained with.
         inputs: files, folders or DICOM series folders (see :func:`collect_inputs`).
         output_dir: where the ``.nii.gz`` label maps go (created); not a folder that holds inputs.
@@ -158,15 +241,22 @@ def predict(
         stitch_on_cpu: accumulate the full-size output on the CPU (only windows go to ``device``).
         progress: show a progress bar.
         overwrite: predict again the cases whose label map already exists (default: keep and skip them).
+        tta: None, or ``"flip"`` for test-time mirroring (see :class:`ProbabilityAverage`).
+        shard: ``(rank, world_size)``: predict only the cases ``i`` with ``i % world_size == rank`` (the others
+            are left to the other processes, and the returned list names only this process's label maps).
 
     Returns:
-        The label map files, one per input, in input order (a list; ``.skipped`` lists the kept ones).
+        The label map files, one per input (of this shard), in input order (``.skipped`` lists the kept ones).
     """
     items, targets = plan_outputs(inputs, output_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
     skipped = [] if overwrite else [target for target in targets if target.is_file()]
+    rank, world_size = shard or (0, 1)
+    mine = [index for index in range(len(items)) if index % world_size == rank]
+    items, targets = [items[i] for i in mine], [targets[i] for i in mine]
+    skipped = [target for target in skipped if target in targets]
     pending = [(item, target) for item, target in zip(items, targets) if target not in skipped]
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -181,14 +271,18 @@ def predict(
         roi_size=tuple(roi_size or preset.patch_size), sw_batch_size=sw_batch_size, overlap=overlap,
         mode="gaussian", sw_device=device, device=torch.device("cpu") if stitch_on_cpu else device,
     )
-    network = network.to(device).eval()
+    members = list(network) if isinstance(network, Sequence) else [network]
+    for member in members:
+        if isinstance(member, torch.nn.Module):
+            member.to(device).eval()
+    combined = ProbabilityAverage(members, tta=tta, spatial_dims=len(preset.patch_size))
     loader = DataLoader(Dataset([item for item, _ in pending], transform=preprocess), batch_size=1, num_workers=0)
     with torch.no_grad():
         batches = tqdm(loader, desc="infer", unit="case", disable=not progress)
         for batch, (_, target) in zip(batches, pending):
             image = batch["image"] if stitch_on_cpu else batch["image"].to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                batch["pred"] = inferer(image, network)
+                batch["pred"] = inferer(image, combined)
             batch["pred"] = batch["pred"].float().cpu()
             batch["image"] = batch["image"].cpu()
             (item,) = decollate_batch(batch)
@@ -210,23 +304,110 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Mo
     return load_trained_network(run_dir, record, checkpoint), record.preset, record
 
 
+def _same_task(records: Sequence[tuple[Path, RunRecord]]) -> None:
+    """Refuse an ensemble of runs that do not share the preset (labels, channels, spacing, intensity, patch)."""
+    first_dir, first = records[0]
+    for run_dir, record in records[1:]:
+        mine, theirs = first.preset.to_dict(), record.preset.to_dict()
+        different = [key for key in mine if mine[key] != theirs.get(key)]
+        if different:
+            raise MedunetError(
+                f"runs {first_dir} and {run_dir} differ in {', '.join(different)} ({mine[different[0]]!r} against "
+                f"{theirs.get(different[0])!r}): their probabilities cannot be averaged. Fix: ensemble only runs "
+                "trained on the same task with the same preset (e.g. the folds of one network)."
+            )
+
+
+def engine_network(run_dir: str | Path, engine: str = "torch", checkpoint: str = "best",
+                   threads: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], RunRecord]:
+    """The network of a run under ``engine`` and the run's record.
+
+    ``onnx``/``onnx-int8`` use ``RUN_DIR/deploy/model.onnx`` / ``model.int8.onnx``, exported (and, for int8,
+    calibrated on the run's training cases) by :func:`medunet.deploy.export_deploy` when missing or older
+    than the weights.
+
+    Args:
+        run_dir: the training run folder.
+        engine: one of :data:`ENGINES`.
+        checkpoint: ``"best"``, ``"last"`` or a ``.pt`` file.
+        threads: onnxruntime threads (ONNX engines).
+    """
+    from medunet.run_folder import weights_file
+
+    if engine not in ENGINES:
+        raise MedunetError(f"engine {engine!r} is not one of {', '.join(ENGINES)}. Fix: pick one.")
+    record = read_run_record(run_dir)
+    if engine == "torch":
+        return load_trained_network(run_dir, record, checkpoint), record
+    from medunet.deploy.export import FP32_MODEL, INT8_MODEL, export_deploy
+
+    folder = Path(run_dir) / DEPLOY_DIR
+    model = folder / (INT8_MODEL if engine == "onnx-int8" else FP32_MODEL)
+    weights = weights_file(run_dir, checkpoint)
+    if not model.is_file() or model.stat().st_mtime < weights.stat().st_mtime or checkpoint != "best":
+        if checkpoint != "best":
+            folder = Path(run_dir) / f"{DEPLOY_DIR}_{Path(checkpoint).stem}"
+            model = folder / model.name
+        export_deploy(run_dir, folder, checkpoint=checkpoint, int8=engine == "onnx-int8")
+    return OnnxNetwork(model, threads), record
+
+
+#: Where the ONNX engines keep the run's exported models.
+DEPLOY_DIR = "deploy"
+
+
+def predict_runs(
+    run_dirs: Sequence[str | Path] | str | Path,
+    inputs: Sequence[str | Path] | str | Path,
+    output_dir: str | Path | None = None,
+    checkpoint: str = "best",
+    engine: str = "torch",
+    threads: int | None = None,
+    **kwargs: Any,
+) -> PredictionFiles:
+    """:func:`predict` with the networks, weights and preset of one or several training runs.
+
+    Several runs are a fold ensemble: their softmax probabilities are averaged, window by window. They must
+    share the preset (task, labels, channels, spacing, intensity, patch), else :class:`MedunetError`.
+
+    Args:
+        run_dirs: one training run folder, or several.
+        inputs: files, folders or DICOM series folders.
+        output_dir: default ``RUN_DIR/predictions`` of the first run.
+        checkpoint: ``"best"``, ``"last"`` or a ``.pt`` file.
+        engine: ``"torch"``, ``"onnx"`` or ``"onnx-int8"`` (see :func:`engine_network`).
+        threads: onnxruntime threads (ONNX engines).
+        kwargs: passed to :func:`predict` (``device``, ``tta``, ``stitch_on_cpu``, ``overlap``, ``sw_batch_size``...).
+    """
+    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise MedunetError("no run folder given. Fix: pass --run-dir RUN_DIR [RUN_DIR ...].")
+    networks, records = [], []
+    for run_dir in run_dirs:
+        network, record = engine_network(run_dir, engine, checkpoint, threads)
+        networks.append(network)
+        records.append((run_dir, record))
+    _same_task(records)
+    first = records[0][1]
+    kwargs.setdefault("sw_batch_size", first.sliding_window["sw_batch_size"])
+    output_dir = Path(output_dir) if output_dir is not None else run_dirs[0] / PREDICTIONS_DIR
+    return predict(networks, first.preset, inputs, output_dir, **kwargs)
+
+
 def predict_run(
     run_dir: str | Path,
     inputs: Sequence[str | Path] | str | Path,
     output_dir: str | Path | None = None,
     checkpoint: str = "best",
     **kwargs: Any,
-) -> list[Path]:
-    """:func:`predict` with the network, weights and preset of a training run.
+) -> PredictionFiles:
+    """:func:`predict` with the network, weights and preset of a training run (:func:`predict_runs` of one).
 
     Args:
         run_dir: the training run folder.
         inputs: files, folders or DICOM series folders.
         output_dir: default ``RUN_DIR/predictions``.
         checkpoint: ``"best"``, ``"last"`` or a ``.pt`` file.
-        kwargs: passed to :func:`predict` (``device``, ``stitch_on_cpu``, ``overlap``, ``sw_batch_size``...).
+        kwargs: passed to :func:`predict_runs` (``engine``, ``tta``, ``device``, ``overlap``, ``sw_batch_size``...).
     """
-    network, preset, record = load_run(run_dir, checkpoint)
-    kwargs.setdefault("sw_batch_size", record.sliding_window["sw_batch_size"])
-    output_dir = Path(output_dir) if output_dir is not None else Path(run_dir) / PREDICTIONS_DIR
-    return predict(network, preset, inputs, output_dir, **kwargs)
+    return predict_runs([run_dir], inputs, output_dir, checkpoint, **kwargs)
