@@ -14,6 +14,7 @@ instead of learning from made-up values.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    BorderPadd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -28,10 +30,17 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -39,6 +48,7 @@ from monai.transforms import (
 
 from medunet.data.presets import TaskPreset
 from medunet.data.readers import load_image_transform
+from medunet.errors import MedunetError
 
 
 class ReplaceNonFinited(MapTransform):
@@ -133,42 +143,137 @@ def preprocess_transforms(
     return chain
 
 
+#: ``augment`` modes of :func:`train_transforms` (the workflow key ``augment``).
+AUGMENTATIONS = ("none", "light", "nnunet")
+
+
+def rotated_patch_size(
+    patch_size: Sequence[int], max_angle: float = math.pi / 6, min_scale: float = 0.85
+) -> tuple[int, ...]:
+    """The crop that still fills ``patch_size`` after a rotation by up to ``max_angle`` (radians) about any axis
+    and a zoom out to ``min_scale``, as nnU-Net enlarges its crops before the spatial transform.
+
+    A ``p_i x p_j`` rectangle rotated by ``a`` spans ``p_i cos a + p_j sin a`` along axis ``i``: each axis takes
+    the largest such span over the other axes (``a`` at most 45 degrees), then is divided by ``min_scale``.
+
+    Args:
+        patch_size: the training patch.
+        max_angle: the largest rotation, radians.
+        min_scale: the smallest scale the crop must cover (nnU-Net v2 sizes its crop for 0.85).
+
+    Example::
+
+        rotated_patch_size((48, 64, 48))  # (87, 94, 87)
+    """
+    angle = min(abs(max_angle), math.pi / 4)
+    sizes = [int(s) for s in patch_size]
+    spans = []
+    for i, size in enumerate(sizes):
+        span = max([size] + [size * math.cos(angle) + other * math.sin(angle)
+                             for j, other in enumerate(sizes) if j != i])
+        spans.append(math.ceil(span / min_scale))
+    return tuple(spans)
+
+
+def spatial_augmentation(
+    keys: Sequence[str], patch_size: Sequence[int], max_angle: float = math.pi / 6,
+    scale: tuple[float, float] = (0.7, 1.4), rotate_prob: float = 0.2, scale_prob: float = 0.2,
+) -> list[MapTransform]:
+    """nnU-Net's spatial augmentation with MONAI transforms, on a crop of :func:`rotated_patch_size`:
+    an isotropic zoom (``RandZoomd``, ``scale``, p ``scale_prob``), then a rotation about every axis
+    (``RandAffined``, up to ``max_angle``, p ``rotate_prob``) that also takes the central ``patch_size``, so every
+    patch leaves it at the patch size whether or not it was rotated. Voxels from outside the image are 0: the
+    background of both normalisations (MRI z-score keeps 0 at 0, the CT window maps air to 0).
+
+    Args:
+        keys: ``(image_key, label_key)``; the label is resampled with nearest neighbours.
+        patch_size: the patch the chain must yield.
+        max_angle: the largest rotation about each axis, radians (nnU-Net: 30 degrees).
+        scale: zoom range (nnU-Net: 0.7-1.4), the same factor on every axis.
+        rotate_prob, scale_prob: how often each is applied (nnU-Net: 0.2 each).
+    """
+    dims = len(patch_size)
+    return [
+        RandZoomd(keys, prob=scale_prob, min_zoom=scale[0], max_zoom=scale[1], mode=("trilinear" if dims == 3
+                  else "bilinear", "nearest"), padding_mode="constant", keep_size=True),
+        RandAffined(keys, spatial_size=tuple(patch_size), prob=rotate_prob, rotate_range=(max_angle,) * (3 if dims == 3 else 1),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+    ]
+
+
+def intensity_augmentation(image_key: str) -> list[MapTransform]:
+    """nnU-Net's intensity augmentation with MONAI transforms, in nnU-Net v2's order and probabilities:
+    Gaussian noise (p 0.1), Gaussian blur (sigma 0.5-1, p 0.2), multiplicative brightness (0.75-1.25, p 0.15),
+    contrast about the mean within the original range (0.75-1.25, p 0.15), simulated low resolution (zoom 0.5-1,
+    p 0.25), gamma 0.7-1.5 on the inverted image (p 0.1) and on the image (p 0.3), both keeping mean and SD.
+
+    Args:
+        image_key: the image key (labels are never touched).
+    """
+    return [
+        RandGaussianNoised(image_key, prob=0.1, mean=0.0, std=0.1),
+        RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+        RandScaleIntensityd(image_key, factors=0.25, prob=0.15),
+        RandScaleIntensityFixedMeand(image_key, factors=0.25, preserve_range=True, prob=0.15),
+        RandSimulateLowResolutiond(image_key, prob=0.25, zoom_range=(0.5, 1.0)),
+        RandAdjustContrastd(image_key, prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        RandAdjustContrastd(image_key, prob=0.3, gamma=(0.7, 1.5), invert_image=False, retain_stats=True),
+    ]
+
+
 def train_transforms(
-    preset: TaskPreset, keys: Sequence[str] = ("image", "label"), num_samples: int = 2
+    preset: TaskPreset, keys: Sequence[str] = ("image", "label"), num_samples: int = 2, augment: str = "light"
 ) -> Compose:
-    """Training chain: preprocessing, pad to the patch, ``num_samples`` random patches (half on foreground),
-    random flips and intensity scale/shift.
+    """Training chain: preprocessing, pad to the patch, ``num_samples`` random patches, and the augmentation
+    that ``augment`` names (the workflow key ``augment``):
+
+    - ``"light"`` (the default, medunet's recipe so far): half the patches centred on foreground, random flips
+      on every axis, intensity scale and shift by up to 10 %;
+    - ``"nnunet"``: nnU-Net v2's recipe: a third of the patches centred on foreground (``pos=1, neg=2``), crops
+      enlarged for rotation (:func:`rotated_patch_size`), zoom 0.7-1.4 and rotation up to 30 degrees about every
+      axis (:func:`spatial_augmentation`), noise, blur, brightness, contrast, low resolution and gamma
+      (:func:`intensity_augmentation`), mirroring on every axis;
+    - ``"none"``: the patches only (half on foreground), for ablations.
 
     Args:
         preset: the task preset.
         keys: ``(image_key, label_key)``.
         num_samples: patches drawn per image per epoch; the dataset then yields a list of that many dicts.
+        augment: ``"none"``, ``"light"`` or ``"nnunet"``.
     """
+    if augment not in AUGMENTATIONS:
+        raise MedunetError(f"augment is {augment!r}; it must be one of {AUGMENTATIONS}. "
+                           "Fix: --set augment=nnunet (or light, none), or edit the workflow's augment key.")
     image_key, label_key = keys[0], keys[1]
     keys = [image_key, label_key]
-    return Compose(
-        preprocess_transforms(preset, keys)
-        + [
-            SpatialPadd(keys, spatial_size=preset.patch_size),
-            RandCropByPosNegLabeld(
-                keys,
-                label_key=label_key,
-                spatial_size=preset.patch_size,
-                pos=1,
-                neg=1,
-                num_samples=num_samples,
-                image_key=image_key,
-                image_threshold=0,
-                allow_smaller=True,
-            ),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
-            RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
-            RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
-            EnsureTyped(keys, track_meta=True),
-        ]
-    )
+    patch = tuple(preset.patch_size)
+    nnunet = augment == "nnunet"
+    crop = rotated_patch_size(patch) if nnunet else patch
+    chain = preprocess_transforms(preset, keys) + [SpatialPadd(keys, spatial_size=patch)]
+    if nnunet:
+        # Pad so the enlarged crop around a voxel near the border keeps that voxel at its centre: the central
+        # patch the rotation keeps is then the one a plain crop would take, and foreground stays foreground.
+        chain.append(BorderPadd(keys, spatial_border=[(c - p + 1) // 2 for c, p in zip(crop, patch)], mode="constant"))
+    chain.append(RandCropByPosNegLabeld(
+        keys,
+        label_key=label_key,
+        spatial_size=crop,
+        pos=1,
+        neg=2 if nnunet else 1,  # nnU-Net forces a third of its patches onto foreground
+        num_samples=num_samples,
+        image_key=image_key,
+        image_threshold=0,
+        allow_smaller=True,
+    ))
+    if nnunet:
+        chain += spatial_augmentation(keys, patch) + intensity_augmentation(image_key)
+    if augment in ("light", "nnunet"):
+        chain += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(len(patch))]
+    if augment == "light":
+        chain += [RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
+                  RandShiftIntensityd(image_key, offsets=0.1, prob=0.5)]
+    chain.append(EnsureTyped(keys, track_meta=True))
+    return Compose(chain)
 
 
 def val_transforms(preset: TaskPreset, keys: Sequence[str] = ("image", "label")) -> Compose:

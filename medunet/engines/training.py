@@ -64,6 +64,7 @@ from medunet.data import (
     train_transforms,
     val_transforms,
 )
+from medunet.data.transforms import AUGMENTATIONS
 from medunet.engines.checkpoint import (
     KEY_METRIC,
     MODEL_FILE,
@@ -74,6 +75,7 @@ from medunet.engines.checkpoint import (
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.engines.guards import NonFiniteLossGuard
+from medunet.engines.losses import StackedDeepSupervisionLoss, deep_supervision_heads
 from medunet.environment import device_description
 from medunet.errors import MedunetError
 from medunet.run_folder import (
@@ -107,7 +109,9 @@ class SegmentationTraining:
         preset: preprocessing preset; default the task's (``preset_for_task``).
         network_name: registry name recorded in ``config.json`` (``None`` for a non-registry network).
         network_args: the keywords the network was built with, recorded in ``config.json``.
-        loss: loss on (logits, label); default ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        loss: loss on (logits, label); default ``DiceCELoss(to_onehot_y=True, softmax=True)``. A network with
+            deep-supervision heads (``deep_supervision=K``) gets it wrapped in
+            :class:`~medunet.engines.losses.StackedDeepSupervisionLoss` (weights 1, 1/2, 1/4... per level).
         optimizer: an optimizer, or a callable ``params -> optimizer`` (a config's ``"_mode_": "callable"``);
             default AdamW, lr 1e-3.
         lr_scheduler: a scheduler, or a callable ``optimizer -> scheduler``, stepped once per epoch; None: constant.
@@ -117,6 +121,9 @@ class SegmentationTraining:
         num_samples: random patches per image per iteration.
         epoch_length: iterations per epoch; default one pass over the training images.
         patch_size: training patch and sliding-window ROI; default the preset's.
+        augment: the training augmentation (:func:`medunet.data.train_transforms`): ``"light"`` (default: flips,
+            intensity scale/shift, half the patches on foreground), ``"nnunet"`` (nnU-Net's spatial and intensity
+            augmentation, a third of the patches on foreground) or ``"none"``.
         cache: ``"memory"``, ``"disk"`` or ``"none"`` (see ``build_dataset``).
         num_workers: data-loader worker processes.
         sw_batch_size: windows per forward pass in sliding-window validation.
@@ -160,6 +167,7 @@ class SegmentationTraining:
         num_samples: int = 2,
         epoch_length: int | None = None,
         patch_size: Sequence[int] | None = None,
+        augment: str = "light",
         cache: str = "memory",
         num_workers: int = 0,
         sw_batch_size: int = 4,
@@ -186,6 +194,7 @@ class SegmentationTraining:
             check_int(epoch_length, "epoch_length", 1, fix="Fix: --set epoch_length=50 (null: one pass over the data).")
         check_number(sw_overlap, "sw_overlap", 0.0, 1.0, fix="Fix: --set sw_overlap=0.25.")
         check_choice(cache, "cache", ("memory", "disk", "none"), fix="Fix: --set cache=memory (or disk, none).")
+        check_choice(augment, "augment", AUGMENTATIONS, fix="Fix: --set augment=nnunet (or light, none).")
         if patch_size is not None:
             sizes = list(patch_size) if isinstance(patch_size, (list, tuple)) else [patch_size]
             if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
@@ -216,6 +225,7 @@ class SegmentationTraining:
         self.num_samples = int(num_samples)
         self.epoch_length = epoch_length
         self.patch_size = tuple(patch_size) if patch_size is not None else None
+        self.augment = augment
         self.cache = cache
         self.num_workers = int(num_workers)
         self.sw_batch_size = int(sw_batch_size)
@@ -243,7 +253,8 @@ class SegmentationTraining:
         train, val = load_fold(self.datalist, self.fold, self.dataset_dir)
         if not val:
             raise MedunetError(f"fold {self.fold} of {self.datalist} has no validation cases. Fix: pick another fold.")
-        train_ds = build_dataset(train, train_transforms(preset, num_samples=self.num_samples), cache=self.cache,
+        train_ds = build_dataset(train, train_transforms(preset, num_samples=self.num_samples,
+                                                                augment=self.augment), cache=self.cache,
                                  cache_dir=self.run_dir / "cache" / "train")
         val_ds = build_dataset(val, val_transforms(preset), cache=self.cache, cache_dir=self.run_dir / "cache" / "val")
         train_sampler = DistributedSampler(train_ds, shuffle=True) if context.is_distributed else None
@@ -282,6 +293,9 @@ class SegmentationTraining:
             scheduler = scheduler(optimizer)
         self.optimizer, self.lr_scheduler = optimizer, scheduler
         amp = self.amp and context.device.type == "cuda"
+        if deep_supervision_heads(network) and not isinstance(self.loss, StackedDeepSupervisionLoss):
+            # In training mode the network returns (B, 1 + K, C, ...): main logits, then one per decoder level.
+            self.loss = StackedDeepSupervisionLoss(self.loss, weight_mode="exp")
         labels = {value: name for value, name in preset.labels.items() if value != 0}
         out_channels = preset.out_channels
 
@@ -378,6 +392,8 @@ class SegmentationTraining:
         amp = self.amp and self.context.device.type == "cuda"
         recipe = {
             "loss": repr(self.loss),
+            "deep_supervision": deep_supervision_heads(network),
+            "augment": self.augment,
             "optimizer": {"class": type(self.optimizer).__name__,
                           "defaults": {k: list(v) if isinstance(v, tuple) else v
                                        for k, v in self.optimizer.defaults.items()

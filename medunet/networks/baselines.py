@@ -16,6 +16,7 @@ from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
 from monai.networks.nets.unet import CheckpointUNet
 from torch import nn
 
+from medunet.errors import MedunetError
 from medunet.networks.registry import register_preset
 
 
@@ -36,36 +37,52 @@ class PadToDivisible(nn.Module):
             padded = size + (self.divisor - size % self.divisor) % self.divisor
             pad += [0, max(padded, self.min_size) - size]
         out = self.network(F.pad(x, pad) if sum(pad) > 0 else x)
+        # The trailing axes are spatial, also in DynUNet's stacked deep-supervision output.
         if len(spatial) == 2:
-            return out[:, :, : spatial[0], : spatial[1]]
-        return out[:, :, : spatial[0], : spatial[1], : spatial[2]]
+            return out[..., : spatial[0], : spatial[1]]
+        return out[..., : spatial[0], : spatial[1], : spatial[2]]
+
+
+def _no_deep_supervision(name: str, deep_supervision: int) -> None:
+    """Refuse deep-supervision heads for a MONAI network that has none (0 is accepted: workflows pass it)."""
+    if deep_supervision:
+        raise MedunetError(f"{name} has no deep-supervision heads (deep_supervision={deep_supervision!r}). "
+                           "Fix: set deep_supervision=0 for it; medunet's U-Nets and monai_dynunet_nnunet have them.")
 
 
 def monai_unet_spleen(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, checkpoint: bool = False,
-                      **kwargs: Any) -> nn.Module:
+                      deep_supervision: int = 0, **kwargs: Any) -> nn.Module:
     """MONAI UNet as in the spleen segmentation bundle: channels 16..256, 4 stride-2 levels, 2 residual units."""
+    _no_deep_supervision("monai_unet_spleen", deep_supervision)
     cls = CheckpointUNet if checkpoint else UNet
     config = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm="batch")
     return PadToDivisible(cls(spatial_dims, in_channels, out_channels, **{**config, **kwargs}), 16)
 
 
-def monai_basicunet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs: Any) -> nn.Module:
+def monai_basicunet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, deep_supervision: int = 0,
+                    **kwargs: Any) -> nn.Module:
     """MONAI BasicUNet with its default features (32, 32, 64, 128, 256, 32)."""
+    _no_deep_supervision("monai_basicunet", deep_supervision)
     return PadToDivisible(BasicUNet(spatial_dims, in_channels, out_channels, **kwargs), 16)
 
 
-def monai_segresnet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs: Any) -> nn.Module:
+def monai_segresnet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, deep_supervision: int = 0,
+                    **kwargs: Any) -> nn.Module:
     """MONAI SegResNet with its defaults (8 initial filters, blocks (1, 2, 2, 4))."""
+    _no_deep_supervision("monai_segresnet", deep_supervision)
     return PadToDivisible(
         SegResNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs), 8
     )
 
 
-def monai_dynunet_nnunet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs: Any) -> nn.Module:
-    """MONAI DynUNet shaped like a 3D full-resolution nnU-Net: 6 levels, 32..320 filters, instance norm."""
+def monai_dynunet_nnunet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, deep_supervision: int = 0,
+                         **kwargs: Any) -> nn.Module:
+    """MONAI DynUNet shaped like a 3D full-resolution nnU-Net: 6 levels, 32..320 filters, instance norm.
+    ``deep_supervision=K`` (0..4) switches on DynUNet's own heads (``deep_supr_num=K``)."""
     kernels = [[3] * spatial_dims] * 6
     strides = [[1] * spatial_dims] + [[2] * spatial_dims] * 5
-    config = dict(filters=[32, 64, 128, 256, 320, 320], norm_name="instance", res_block=False)
+    config = dict(filters=[32, 64, 128, 256, 320, 320], norm_name="instance", res_block=False,
+                  deep_supervision=deep_supervision > 0, deep_supr_num=max(1, deep_supervision))
     net = DynUNet(spatial_dims, in_channels, out_channels, kernels, strides, strides[1:], **{**config, **kwargs})
     # Instance norm needs more than one voxel at the bottleneck: at least 2 after 5 halvings.
     return PadToDivisible(net, 32, min_size=64)

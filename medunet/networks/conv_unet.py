@@ -94,7 +94,9 @@ def conv_unet_parts(
     if scale > 1:
         head = nn.Sequential(head, PixelShuffle(spatial_dims, 2))
     return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(len(widths) - 1)),
-                     input_stride=2 if scale > 1 else 1)
+                     input_stride=2 if scale > 1 else 1,
+                     decoder_channels=[widths[level] for level in range(len(widths) - 2, -1, -1)],
+                     out_channels=out_channels)
 
 
 def lunet_widths(features: int, levels: int, flat: bool) -> list[int]:
@@ -126,6 +128,8 @@ class LUNet(UNetSkeleton):
             in, pixel-shuffle out: level 0 at half resolution, far less activation memory in 3D).
         pad_input: pad inputs to a multiple of ``2**(levels-1)`` (``2**levels`` with the unshuffle stem)
             and crop the output back.
+        deep_supervision: auxiliary heads on the decoder levels above the finest (0..levels-2), used in
+            training mode only (:class:`~medunet.networks.skeleton.UNetSkeleton`).
 
     Example::
 
@@ -149,13 +153,14 @@ class LUNet(UNetSkeleton):
         order: str = "AND",
         stem: str = "full",
         pad_input: bool = True,
+        deep_supervision: int = 0,
     ) -> None:
         widths = lunet_widths(features, levels, flat)
         parts = conv_unet_parts(
             spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order,
             stem=stem,
         )
-        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
 
 register_class(LUNet)

@@ -94,7 +94,8 @@ def nafnet_parts(
             blocks = _blocks(d, widths[level], decoder_blocks[levels - 1 - level])
         decoder.append(DecoderStage(up, blocks, merge))
     head = conv(width, out_channels, 3, padding=1)
-    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(levels)))
+    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(levels)),
+                     decoder_channels=[widths[level] for level in range(levels - 1, -1, -1)], out_channels=out_channels)
 
 
 class NAFNet(UNetSkeleton):
@@ -109,6 +110,8 @@ class NAFNet(UNetSkeleton):
         middle_blocks: NAF blocks at the coarsest level.
         decoder_blocks: NAF blocks per decoder level, coarsest first.
         pad_input: pad inputs to a multiple of ``2**len(encoder_blocks)`` and crop the output back.
+        deep_supervision: 1x1 heads on the decoder levels above the finest, used in training mode only
+            (:class:`~medunet.networks.skeleton.UNetSkeleton`).
 
     The published configurations are width 32 with ``(2, 2, 4, 8) / 12 / (2, 2, 2, 2)`` (SIDD) and
     ``(1, 1, 1, 28) / 1 / (1, 1, 1, 1)`` (GoPro); the registry has lighter presets for 3D volumes.
@@ -129,9 +132,10 @@ class NAFNet(UNetSkeleton):
         middle_blocks: int = 12,
         decoder_blocks: Sequence[int] = (2, 2, 2, 2),
         pad_input: bool = True,
+        deep_supervision: int = 0,
     ) -> None:
         parts = nafnet_parts(spatial_dims, in_channels, out_channels, width, encoder_blocks, middle_blocks, decoder_blocks)
-        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
 
 NAFNET_CONFIGS: dict[str, dict] = {

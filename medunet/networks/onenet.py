@@ -69,6 +69,7 @@ def onenet_parts(
     # OneNet never concatenates the full-resolution stem feature: level 0 has no skip.
     skip_levels = list(range(1, levels))
     decoder: list[DecoderStage] = []
+    decoder_channels: list[int] = []
     aux_heads: list[nn.Module] = []
     if variant == "e":
         # Conventional decoder: transposed conv, concat, two 3x3 conv+BN+ReLU; plain convs on top.
@@ -82,6 +83,7 @@ def onenet_parts(
             )
             up = Conv[Conv.CONVTRANS, d](widths[level + 1], width, 2, stride=2)
             decoder.append(DecoderStage(up, block, "none" if top else merge))
+            decoder_channels.append(width)
             if not top:
                 aux_heads.append(Conv[Conv.CONV, d](width, out_channels, 3, padding=1))
         head = Conv[Conv.CONV, d](widths[0], out_channels, 3, padding=1)
@@ -96,11 +98,13 @@ def onenet_parts(
             block_out = width if top else sub * widths[level - 1]
             block = nn.Sequential(_spatial(spatial_kernel), pw(block_in, block_out), pw(block_out, block_out))
             decoder.append(DecoderStage(PixelShuffle(d, 2), block, "none" if top else merge))
+            decoder_channels.append(block_out)
             if not top:
                 aux_heads.append(Conv[Conv.CONV, d](block_out, out_channels, 1))
         head = Conv[Conv.CONV, d](widths[0], out_channels, 1)
     return UNetParts(
-        encoder, decoder, head, widths, skip_levels, aux_heads=aux_heads if auxiliary_heads else []
+        encoder, decoder, head, widths, skip_levels, aux_heads=aux_heads if auxiliary_heads else [],
+        decoder_channels=decoder_channels, out_channels=out_channels,
     )
 
 
@@ -126,6 +130,8 @@ class OneNet(UNetSkeleton):
         auxiliary_heads: also build the per-level heads of the authors' code. They are never used in
             forward but are part of the paper's parameter totals.
         pad_input: pad inputs to a multiple of ``2**levels`` and crop the output back.
+        deep_supervision: 1x1 heads on the decoder levels above the finest (0..levels-1), used in training mode
+            only; unlike ``auxiliary_heads`` they are trained (:class:`~medunet.networks.skeleton.UNetSkeleton`).
 
     Example::
 
@@ -147,12 +153,13 @@ class OneNet(UNetSkeleton):
         norm: NormType = "batch",
         auxiliary_heads: bool = False,
         pad_input: bool = True,
+        deep_supervision: int = 0,
     ) -> None:
         parts = onenet_parts(
             spatial_dims, in_channels, out_channels, variant, features, levels, stem_repeat, spatial_kernel,
             act, norm, auxiliary_heads,
         )
-        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input)
+        super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
 
 register_class(OneNet)

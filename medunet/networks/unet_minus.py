@@ -67,6 +67,8 @@ class UNetMinus(UNetSkeleton):
         merge: how the regenerated skip joins the decoder: ``"add"`` (default, as NAFNet; no
             full-resolution concatenation buffer) or ``"concat"``.
         pad_input: pad inputs to a multiple of ``2**downsamplings`` and crop the output back.
+        deep_supervision: 1x1 heads on the decoder levels above the finest, used in training mode only
+            (:class:`~medunet.networks.skeleton.UNetSkeleton`).
 
     Example::
 
@@ -85,6 +87,7 @@ class UNetMinus(UNetSkeleton):
         iem: str = "enhanced",
         merge: str = "add",
         pad_input: bool = True,
+        deep_supervision: int = 0,
         **backbone_kwargs: Any,
     ) -> None:
         if backbone not in BACKBONES:
@@ -96,7 +99,7 @@ class UNetMinus(UNetSkeleton):
             spatial_dims, parts.channels, parts.skip_levels, parts.skip_channels, target, agg_channels,
             piece_channels, iem,
         )
-        super().__init__(spatial_dims, parts, skips, pad_input)
+        super().__init__(spatial_dims, parts, skips, pad_input, deep_supervision)
 
 
 register_class(UNetMinus)
