@@ -14,7 +14,7 @@ import pytest
 from medunet.cli import main
 from medunet.cli.evaluate_cmd import parse_tolerances
 from medunet.errors import MedunetError
-from medunet.evaluation import evaluate_folders
+from medunet.evaluation import compute_evaluation, evaluate_folders, write_evaluation
 from medunet.evaluation.cases import foreground_labels
 
 SPACING = (1.0, 1.5, 2.0)
@@ -44,6 +44,17 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     save(pred_dir / "stray.nii.gz", two_label_case())
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "left": 1, "right": 2}}), encoding="utf-8")
     return pred_dir, ref_dir
+
+
+def test_computing_writes_nothing_and_writing_gives_the_same_files(folders, tmp_path):
+    pred_dir, ref_dir = folders
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    computed = compute_evaluation(pred_dir, ref_dir, workers=1, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before and not computed.files
+    written = write_evaluation(computed, tmp_path / "out", report=False)
+    assert set(written.files) == {"cases_csv", "summary_json"} and (tmp_path / "out" / "summary.json").is_file()
+    direct = evaluate_folders(pred_dir, ref_dir, tmp_path / "direct", report=False, workers=1, progress=False)
+    assert direct.metrics() == pytest.approx(computed.metrics(), nan_ok=True)
 
 
 def test_cases_match_by_name_and_missing_prediction_counts_as_failure(folders, tmp_path):

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 from medunet.atomic import remove_stale_temporaries
 from medunet.errors import MedunetError
 from medunet.evaluation import cases as case_io
-from medunet.evaluation.aggregate import FOREGROUND, aggregate, foreground_per_case
+from medunet.evaluation.aggregate import aggregate
 from medunet.evaluation.metrics import (
-    COUNT_METRICS,
     DEFAULT_TOLERANCE_MM,
     FAILURE_STATUSES,
     empty_prediction_metrics,
@@ -46,6 +45,7 @@ from medunet.evaluation.metrics import (
 )
 from medunet.evaluation.outputs import summary_json, write_case_csv, write_summary_json
 from medunet.evaluation.provenance import build_provenance, peak_memory_mb
+from medunet.evaluation.result import EvaluationResult
 
 
 @dataclass
@@ -60,96 +60,70 @@ class CaseOutcome:
     note: str = ""
 
 
-@dataclass
-class EvaluationResult:
-    """Per-case rows, aggregates and the files written by :func:`evaluate_folders`."""
-
-    rows: list[dict[str, Any]]
-    aggregates: dict[str, dict[str, dict[str, float]]]
-    labels: dict[int, str]
-    problems: list[str]
-    provenance: dict[str, Any]
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def mean(self, metric: str = "dice", label: int | str = FOREGROUND) -> float:
-        """Mean of a metric over cases for one label value or ``"foreground"``."""
-        return self.aggregates[str(label)][metric]["mean"]
-
-    def metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """Plain numbers for tracking: ``<prefix>_<metric>_<label name>`` (mean over cases) and
-        ``<prefix>_n_cases``; counts (TP, FP, ...) are left to ``cases.csv``."""
-        names = {str(value): str(name) for value, name in self.labels.items()}
-        values: dict[str, float] = {}
-        for label_key, per_metric in self.aggregates.items():
-            label = names.get(str(label_key), str(label_key))
-            for metric, stats in per_metric.items():
-                if metric not in COUNT_METRICS:
-                    values[f"{prefix}_{metric}_{label}"] = float(stats["mean"])
-                    values.setdefault(f"{prefix}_n_cases", float(stats.get("n_cases", float("nan"))))
-        return values
-
-    def as_params(self) -> dict[str, Any]:
-        """What was evaluated (the provenance given by the caller), as plain data."""
-        return {"evaluation": {key: value for key, value in self.provenance.items()
-                               if isinstance(value, (str, int, float, bool))}}
-
-    def foreground_per_case(self) -> list[dict[str, float]]:
-        """One row per case, its foreground labels combined (see :mod:`medunet.evaluation.aggregate`)."""
-        return foreground_per_case(self.rows)
-
-    def to_dataframe(self):
-        """The per-case rows as a pandas DataFrame (needs pandas)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
-
 def evaluate_folders(
     pred_dir: str | Path,
     ref_dir: str | Path,
     out_dir: str | Path | None = None,
-    labels: Mapping | None = None,
-    dataset_json: str | Path | None = None,
-    tolerance_mm: float | Mapping[int | str, float] = DEFAULT_TOLERANCE_MM,
-    provenance: Mapping[str, Any] | None = None,
     report: bool = True,
     images_dir: str | Path | None = None,
-    workers: int | None = None,
-    skip_missing: bool = False,
-    strict: bool = False,
-    progress: bool = True,
     title: str | None = None,
-    cases: Collection[str] | None = None,
+    **options: Any,
 ) -> EvaluationResult:
-    """Evaluate every reference in ``ref_dir`` against its prediction in ``pred_dir`` and write the outputs.
+    """Evaluate every reference in ``ref_dir`` against its prediction in ``pred_dir``
+    (:func:`compute_evaluation`) and write the outputs (:func:`write_evaluation`).
 
     Args:
         pred_dir: folder of predicted label maps.
         ref_dir: folder of reference label maps (e.g. ``labelsTr``).
         out_dir: where ``cases.csv``, ``summary.json``, ``report.html`` and ``report.pdf`` go; default
             ``pred_dir/evaluation``.
-        labels: ``{value: name}`` (or dataset.json's ``{"name": value}``); default from ``dataset_json``.
-        dataset_json: MSD/nnU-Net ``dataset.json``; default the one in or next to ``ref_dir``; without
-            either, the labels are those found in the references.
-        tolerance_mm: NSD tolerance in mm, one for all labels or ``{label value or name: mm}``.
-        provenance: what produced the predictions (network, checkpoint, ...), shown in the report.
         report: also write the HTML and PDF report.
         images_dir: images to show under the overlays (``case.nii.gz`` or ``case_0000.nii.gz``).
-        workers: processes computing cases in parallel; default up to 8 (the CPU count); 0 or 1 serial.
-        skip_missing: leave references without a prediction out instead of counting them as failures.
-        strict: raise :class:`MedunetError` on any missing, extra or mismatched prediction.
-        progress: show a progress bar.
         title: report title.
-        cases: evaluate only these case names (e.g. one fold's validation cases); the other references
-            are left out, not reported as missing predictions.
+        options: the keywords of :func:`compute_evaluation` (labels, dataset_json, tolerance_mm, provenance,
+            workers, skip_missing, strict, progress, cases).
 
     Example:
         >>> result = evaluate_folders("preds", "Task04_Hippocampus/labelsTr", "eval")  # doctest: +SKIP
         >>> result.mean("dice", label=1)  # doctest: +SKIP
     """
+    result = compute_evaluation(pred_dir, ref_dir, **options)
+    out_dir = Path(out_dir) if out_dir is not None else Path(pred_dir) / "evaluation"
+    return write_evaluation(result, out_dir, report=report, images_dir=images_dir, title=title)
+
+
+def compute_evaluation(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    labels: Mapping | None = None,
+    dataset_json: str | Path | None = None,
+    tolerance_mm: float | Mapping[int | str, float] = DEFAULT_TOLERANCE_MM,
+    provenance: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    skip_missing: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    cases: Collection[str] | None = None,
+) -> EvaluationResult:
+    """Score every reference in ``ref_dir`` against its prediction in ``pred_dir``; writes nothing.
+
+    Args:
+        pred_dir: folder of predicted label maps.
+        ref_dir: folder of reference label maps (e.g. ``labelsTr``).
+        labels: ``{value: name}`` (or dataset.json's ``{"name": value}``); default from ``dataset_json``.
+        dataset_json: MSD/nnU-Net ``dataset.json``; default the one in or next to ``ref_dir``; without
+            either, the labels are those found in the references.
+        tolerance_mm: NSD tolerance in mm, one for all labels or ``{label value or name: mm}``.
+        provenance: what produced the predictions (network, checkpoint, ...), shown in the report.
+        workers: processes computing cases in parallel; default up to 8 (the CPU count); 0 or 1 serial.
+        skip_missing: leave references without a prediction out instead of counting them as failures.
+        strict: raise :class:`MedunetError` on any missing, extra or mismatched prediction.
+        progress: show a progress bar.
+        cases: evaluate only these case names (e.g. one fold's validation cases); the other references
+            are left out, not reported as missing predictions.
+    """
     start = time.perf_counter()
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    out_dir = Path(out_dir) if out_dir is not None else pred_dir / "evaluation"
     pairs, extra = case_io.match_cases(pred_dir, ref_dir)
     problems = []
     if cases is not None:
@@ -194,9 +168,7 @@ def evaluate_folders(
         "runtime_s": round(time.perf_counter() - start, 2),
         "peak_memory_mb": peak_memory_mb(),
     }
-    result = EvaluationResult(rows, aggregates, label_names, problems, build_provenance(provenance, settings))
-    _write_outputs(result, out_dir, report, images_dir, title)
-    return result
+    return EvaluationResult(rows, aggregates, label_names, problems, build_provenance(provenance, settings))
 
 
 def evaluate_pair(
@@ -311,10 +283,21 @@ def _labels_present(array: np.ndarray) -> set[int]:
     return {int(v) for v in np.unique(np.rint(array)) if v}
 
 
-def _write_outputs(
-    result: EvaluationResult, out_dir: Path, report: bool, images_dir: str | Path | None, title: str | None
-) -> None:
-    """Write cases.csv, summary.json and the report, each atomically; temporaries of killed runs are removed."""
+def write_evaluation(
+    result: EvaluationResult, out_dir: str | Path, report: bool = True, images_dir: str | Path | None = None,
+    title: str | None = None,
+) -> EvaluationResult:
+    """Write ``cases.csv``, ``summary.json`` and (``report``) the HTML/PDF report into ``out_dir``, each
+    atomically (temporaries of killed runs are removed); ``result.files`` names them.
+
+    Args:
+        result: what :func:`compute_evaluation` returned.
+        out_dir: the output folder (created).
+        report: also write ``report.html`` and ``report.pdf``.
+        images_dir: images to show under the report's overlays.
+        title: report title.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     result.files["cases_csv"] = write_case_csv(result.rows, out_dir / "cases.csv")
@@ -326,3 +309,4 @@ def _write_outputs(
         from medunet.evaluation.report import write_report
 
         result.files.update(write_report(result, out_dir, images_dir=images_dir, title=title))
+    return result

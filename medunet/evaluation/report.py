@@ -20,7 +20,7 @@ import io
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
@@ -29,9 +29,7 @@ from matplotlib.figure import Figure
 from medunet.atomic import atomic_path, atomic_write_text
 from medunet.evaluation import cases as case_io
 from medunet.evaluation.aggregate import FOREGROUND
-
-if TYPE_CHECKING:
-    from medunet.evaluation.evaluate import EvaluationResult
+from medunet.evaluation.result import EvaluationResult
 
 INTENDED_USE = (
     "Research use only. Not for diagnosis, treatment or any clinical decision. These numbers describe "
