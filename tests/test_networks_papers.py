@@ -147,8 +147,23 @@ def test_unet_minus_runs_on_every_backbone(backbone: str, iem: str) -> None:
 
 
 def test_nafnet_adds_its_skips() -> None:
-    net = NAFNet(2, 1, 2, width=4, encoder_blocks=(1, 1), middle_blocks=1, decoder_blocks=(1, 1))
-    assert all(stage.merge == "add" for stage in net.decoder)
+    """Each decoder stage's blocks receive the upsampled feature plus the encoder feature of that level
+    (same width: added, not concatenated)."""
+    torch.manual_seed(0)
+    net = NAFNet(2, 1, 2, width=4, encoder_blocks=(1, 1), middle_blocks=1, decoder_blocks=(1, 1)).eval()
+    encoded, upsampled, merged = [], [], []
+    for stage in net.encoder:
+        stage.register_forward_hook(lambda _m, _i, out: encoded.append(out.detach().clone()))
+    for stage in net.decoder:
+        stage.up.register_forward_hook(lambda _m, _i, out: upsampled.append(out.detach().clone()))
+        stage.blocks.register_forward_pre_hook(lambda _m, args: merged.append(args[0].detach().clone()))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 16, 16))
+    assert len(merged) == len(net.decoder) >= 2
+    for up, into_blocks in zip(upsampled, merged, strict=True):
+        (skip,) = [feature for feature in encoded if feature.shape == up.shape]
+        assert into_blocks.shape == up.shape  # not concatenated
+        torch.testing.assert_close(into_blocks, up + skip)
 
 
 @pytest.mark.parametrize(
