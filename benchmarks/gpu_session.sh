@@ -2,8 +2,15 @@
 # The GPU half of the benchmark, as run on a lent GPU machine that has PyTorch but no MONAI and no network.
 #
 #   bash benchmarks/gpu_session.sh smoke      # installs, GPU efficiency table, 1-epoch timing of every network
-#   bash benchmarks/gpu_session.sh accuracy   # the accuracy half (medunet.bench.accuracy.RECIPE), 8 at a time
+#   bash benchmarks/gpu_session.sh accuracy   # the accuracy half: the full recipe (medunet.bench.accuracy.RECIPE,
+#                                             # --protocol gpu) on folds 0 1 2, 8 trainings at a time
+#   bash benchmarks/gpu_session.sh recipe-effect   # the MONAI UNet and SegResNet with the recipe before issue 10
+#                                             # (augment light, no deep supervision) on the same folds
 #   bash benchmarks/gpu_session.sh efficiency NET...   # the GPU efficiency table of some networks
+#
+# Each accuracy mode resumes: rerun it (with the runs.tgz parts of the last call in .devcarry/) until it prints the
+# tables; FOLDS="0 1 2 3 4" for five folds. Afterwards, on the CPU machine (efficiency half, median of 3 memory runs):
+#   medunet bench --accuracy --folds 0 1 2 --out benchmarks/recipe_gpu --results benchmarks/RESULTS.md --repeats-memory 3
 #
 # Wheels for what the machine lacks (monai, pytorch-ignite, nibabel) and the Hippocampus task are expected in
 # .devcarry/ (git-ignored). The repository and the data are copied to /work/main and /work/shared/data, the
@@ -35,6 +42,10 @@ python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', mona
 # The accuracy set (medunet.bench.accuracy.ACCURACY_NETWORKS) and the MONAI baselines.
 ACCURACY_NETWORKS=$(python3 -c "from medunet.bench.accuracy import ACCURACY_NETWORKS; print(*ACCURACY_NETWORKS)")
 BASELINES="monai_unet_spleen monai_checkpoint_unet_spleen monai_basicunet monai_segresnet monai_dynunet_nnunet"
+FOLDS=${FOLDS:-0 1 2}
+# The runs of the recipe before issue 10 stay in benchmarks/latest; the stronger recipe's go here.
+RECIPE_OUT=benchmarks/recipe_gpu
+LIGHT_OUT=benchmarks/recipe_light
 
 case $mode in
 efficiency)  # the GPU efficiency table for the networks named after the mode
@@ -53,17 +64,25 @@ smoke)
         --epochs 1 --epoch-length 50 --jobs 8 2>&1 | tee "$out/smoke.log"
     tar czf "$out/smoke_runs.tgz" --exclude='*.pt' benchmarks/gpu_smoke
     ;;
-accuracy)
+accuracy|recipe-effect)
+    if [ "$mode" = accuracy ]; then
+        bench_out=$RECIPE_OUT; networks=$ACCURACY_NETWORKS; recipe=()
+    else
+        bench_out=$LIGHT_OUT; networks="monai_unet_spleen monai_segresnet"
+        recipe=(--set augment=light --set deep_supervision=0)
+    fi
     # Runs unfinished in an earlier call come back as .devcarry/runs.tgz.part* and resume from their checkpoints.
     if ls .devcarry/runs.tgz.part* >/dev/null 2>&1; then cat .devcarry/runs.tgz.part* | tar xzf -; fi
     # The call has a time limit: stop in time to send back what finished and the checkpoints of the rest.
+    # Two loader workers per training: nnU-Net's augmentation runs on the CPU (16 cores for 8 trainings).
     # shellcheck disable=SC2086
     timeout "${BENCH_SECONDS:-500}" python3 -m medunet bench --device cuda --no-tracking --networks monai_unet_spleen \
-        --shapes 1x1x32x32x32 --volume none --no-train --repeats 1 --out benchmarks/latest --accuracy \
-        --accuracy-networks $ACCURACY_NETWORKS --jobs 8 "${@:2}" 2>&1 | tee "$out/accuracy.log" || true
-    for run in benchmarks/latest/runs/*/; do  # finished runs need no checkpoint to be read back
+        --shapes 1x1x32x32x32 --volume none --no-train --repeats 1 --out "$bench_out" --accuracy --protocol gpu \
+        --folds $FOLDS --accuracy-networks $networks --jobs 8 --set num_workers=2 "${recipe[@]}" "${@:2}" 2>&1 \
+        | tee "$out/accuracy.log" || true
+    for run in "$bench_out"/runs/fold*/*/; do  # finished runs need no checkpoint to be read back
         if grep -q '"finished": true' "$run/metrics.json" 2>/dev/null; then rm -rf "$run/checkpoints" "$run/models"; fi
     done
-    tar czf - --exclude='*.db' benchmarks/latest/runs | split -b 15M - "$out/runs.tgz.part"
+    tar czf - --exclude='*.db' "$bench_out"/runs | split -b 15M - "$out/runs.tgz.part"
     ;;
 esac

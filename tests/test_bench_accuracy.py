@@ -128,3 +128,100 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
     assert not any(name == "runs" for name in logged)  # checkpoints stay out of the bench run
     trainings = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'train'")
     assert sorted(run.info.run_name for run in trainings) == ["lunet_small_2f", "unet_small_2f"]
+
+
+# -- issue 10: the stronger recipe, cross-validation, protocols, repeated memory figures ---------------------
+def test_the_recipe_is_nnunets_with_deep_supervision_where_a_decoder_has_room_and_the_cpu_protocol_is_smaller() -> None:
+    from medunet.bench.accuracy import CPU_RECIPE, LIGHT_RECIPE, deep_supervision_for
+
+    assert RECIPE["augment"] == "nnunet" and RECIPE["deep_supervision"] == 3
+    assert LIGHT_RECIPE["augment"] == "light" and LIGHT_RECIPE["deep_supervision"] == 0
+    cpu = recipe_with(protocol="cpu")
+    assert cpu == CPU_RECIPE and cpu["num_samples"] == 1 and cpu["augment"] == "nnunet"
+    assert cpu["max_epochs"] * cpu["epoch_length"] * cpu["num_samples"] < RECIPE["max_epochs"] * RECIPE["epoch_length"]
+    with pytest.raises(MedunetError, match="protocol is 'tpu'.*Fix: --protocol gpu"):
+        recipe_with(protocol="tpu")
+    assert deep_supervision_for("lunet_small_2f", 3) == 3 and deep_supervision_for("monai_segresnet", 3) == 0
+    assert deep_supervision_for("lunet_small_2f", 0) == 0
+
+
+def _rows(values: dict[str, list[float]]) -> list[dict[str, Any]]:
+    return [{"network": name, "fold": k, "mean_dice": v, "dice_a": v, "train_seconds": 60.0}
+            for name, folds in values.items() for k, v in enumerate(folds)]
+
+
+def test_fold_summary_and_comparisons_say_which_differences_exceed_the_spread() -> None:
+    from medunet.bench.accuracy import compare_networks, fold_summary
+    from medunet.bench.results import comparison_sentences
+
+    summary = fold_summary(_rows({"ref": [0.80, 0.82, 0.84], "clear": [0.85, 0.87, 0.89], "noise": [0.81, 0.80, 0.86]}))
+    ref, clear, noise = summary
+    assert ref["mean_dice"] == pytest.approx(0.82) and ref["mean_dice_sd"] == pytest.approx(0.02)
+    assert clear["dice_a"] == pytest.approx(0.87) and clear["train_seconds"] == 180.0
+    comparisons = {c["network"]: c for c in compare_networks(summary, ["ref", "absent"])}
+    assert comparisons["clear"]["difference"] == pytest.approx(0.05) and comparisons["clear"]["exceeds_spread"]
+    assert comparisons["clear"]["wins"] == 3 and comparisons["clear"]["difference_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert comparisons["noise"]["difference"] == pytest.approx(0.0033, abs=1e-4)
+    assert not comparisons["noise"]["exceeds_spread"]
+    text = comparison_sentences(list(comparisons.values()), bar="ref")
+    assert "`clear` vs `ref`: +0.0500" in text and "**exceeds the fold-to-fold spread**" in text
+    assert "`noise` vs `ref`: +0.0033" in text and "within the fold-to-fold spread" in text
+    assert "Beats `ref` by 0.005 beyond the spread: yes" in text and text.count(": no.") == 1
+
+
+def test_rank_agreement_counts_the_pairs_two_protocols_order_alike() -> None:
+    from medunet.bench.accuracy import rank_agreement
+
+    full = {"a": 0.90, "b": 0.88, "c": 0.86, "d": 0.84, "e": 0.80, "f": 0.70}
+    same = rank_agreement(full, {name: value - 0.1 for name, value in full.items()})
+    assert same["kendall_tau"] == 1.0 and same["spearman_rho"] == 1.0 and same["discordant"] == []
+    swapped = rank_agreement(full, {**full, "c": 0.83, "only_here": 0.5})
+    assert swapped["networks"] == 6 and swapped["discordant"] == [("c", "d")]
+    assert swapped["kendall_tau"] == pytest.approx(13 / 15) and swapped["spearman_rho"] == pytest.approx(1 - 6 * 2 / 210)
+    assert rank_agreement(full, {n: -v for n, v in full.items()})["kendall_tau"] == -1.0
+
+
+def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(phantom: Path, tmp_path: Path) -> None:
+    out, results = tmp_path / "bench", tmp_path / "RESULTS.md"
+    other = tmp_path / "full"
+    other.mkdir()
+    (other / "accuracy.csv").write_text("network,fold,mean_dice\nunet_small_2f,0,0.8\nunet_small_2f,1,0.9\n"
+                                        "lunet_small_2f,0,0.7\n", encoding="utf-8")
+    code = main(["bench", "--networks", "lunet_small_2f", "--baseline", "unet_small_2f", "--shapes", "1x1x16x16x16",
+                 "--volume", "none", "--no-train", "--repeats", "1", "--out", str(out), "--accuracy",
+                 "--task-dir", str(phantom), "--workflow", str(WORKFLOW), "--folds", "0", "1", "--protocol", "cpu",
+                 "--epochs", "1", "--epoch-length", "2", "--set", "patch_size=[16,16,16]",
+                 "--set", "profile_memory=false", "--results", str(results), "--no-tracking", "--compare", str(other)])
+    assert code == 0
+    rows = list(csv.DictReader((out / "accuracy.csv").open(encoding="utf-8")))
+    assert [(row["network"], row["fold"]) for row in rows] == [("unet_small_2f", "0"), ("lunet_small_2f", "0"),
+                                                               ("unet_small_2f", "1"), ("lunet_small_2f", "1")]
+    assert all(row["deep_supervision"] == "3" and row["augment"] == "nnunet" for row in rows)
+    for fold in (0, 1):
+        workflow = json.loads((out / "runs" / f"fold{fold}" / "lunet_small_2f" / "workflow.json").read_text("utf-8"))
+        assert workflow["fold"] == fold and workflow["num_samples"] == 1  # the CPU protocol: whole volumes
+        assert workflow["deep_supervision"] == 3 and workflow["augment"] == "nnunet"
+    summary = {row["network"]: row for row in csv.DictReader((out / "accuracy_folds.csv").open(encoding="utf-8"))}
+    lean = [float(row["mean_dice"]) for row in rows if row["network"] == "lunet_small_2f"]
+    assert float(summary["lunet_small_2f"]["mean_dice"]) == pytest.approx(sum(lean) / 2)
+    assert float(summary["lunet_small_2f"]["mean_dice_sd"]) == pytest.approx(abs(lean[0] - lean[1]) / 2 ** 0.5)
+    text = results.read_text(encoding="utf-8")
+    accuracy = text.split("## Accuracy", 1)[1]
+    (lean_row,) = [line for line in accuracy.splitlines() if line.startswith("| lunet_small_2f")]
+    assert re.search(r"\d\.\d{4} ± \d\.\d{4} \([+-]\d\.\d{4}\)", lean_row)
+    assert "`lunet_small_2f` vs `unet_small_2f`" in text and "fold-to-fold spread" in text
+    assert "Rank agreement between protocols" in text and "2 networks trained under both" in text
+    command = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    again = build_parser().parse_args(shlex.split(command)[1:])
+    assert again.folds == [0, 1] and again.protocol == "cpu" and again.compare == other
+
+
+def test_repeated_memory_figures_report_the_median_of_fresh_processes() -> None:
+    from medunet.bench.efficiency import run_efficiency
+
+    (result,) = run_efficiency(["lunet_small_2f"], ["1x1x16x16x16"], train=False, repeats=1, volume=None,
+                               repeats_memory=3)
+    runs = result.memory_runs["infer"]
+    assert len(runs) == 3 and all(value > 0 for value in runs)
+    assert result.profile.peak_infer_bytes == sorted(runs)[1]
+    assert result.as_dict()["peak_infer_runs"] == runs and "train" not in result.memory_runs

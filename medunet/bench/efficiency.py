@@ -4,12 +4,18 @@ Each network is measured with :func:`medunet.profiling.profile` (parameters, mul
 memory of inference and of a training step, skip memory, latency) at each input shape, plus the
 sliding-window throughput over a CT-sized volume. Ratios are taken against a baseline measured in
 the same run.
+
+CPU peak-memory figures move by about +-0.15 of the baseline between runs on a shared 2-core machine;
+``repeats_memory=3`` (``medunet bench --repeats-memory 3``) measures each peak three times, each in a fresh
+process, and reports the median (every measurement is kept in ``memory_runs``). On a GPU the CUDA allocator's
+figures are exact and one measurement is enough.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +23,7 @@ from monai.inferers import SlidingWindowInferer
 from tqdm import tqdm
 
 from medunet.profiling import ProfileResult, profile
-from medunet.profiling.profiler import build
+from medunet.profiling.profiler import build, measure_peak
 
 #: The networks a full benchmark compares: MONAI's baselines and the 3D presets of each seed idea.
 BENCH_NETWORKS = (
@@ -56,9 +62,13 @@ class EfficiencyResult:
 
     profile: ProfileResult
     throughput_vps: float | None = None
+    #: Every peak-memory measurement (bytes) when it was repeated: ``{"infer": [...], "train": [...]}``; the
+    #: profile holds their median.
+    memory_runs: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.profile.as_dict(), "throughput_vps": self.throughput_vps}
+        runs = {f"peak_{kind}_runs": values for kind, values in self.memory_runs.items()}
+        return {**self.profile.as_dict(), "throughput_vps": self.throughput_vps, **runs}
 
 
 def sliding_window_throughput(
@@ -94,9 +104,11 @@ def run_efficiency(
     repeats: int = 3,
     volume: tuple[int, int, int] | None = FULL_VOLUME,
     roi_size: tuple[int, int, int] = (96, 96, 96),
+    repeats_memory: int = 1,
 ) -> list[EfficiencyResult]:
     """Profile every network at every shape; with ``volume``, add each network's sliding-window
-    throughput (one 3D single-channel volume, windows of ``roi_size``) to its 3D rows."""
+    throughput (one 3D single-channel volume, windows of ``roi_size``) to its 3D rows. With
+    ``repeats_memory`` > 1 each peak-memory figure is the median of that many measurements (fresh processes)."""
     throughput: dict[str, float] = {}
     if volume is not None:
         for name in tqdm(networks, desc="sliding window", unit="net"):
@@ -107,5 +119,23 @@ def run_efficiency(
     for shape, name in tqdm(jobs, desc="efficiency", unit="run"):
         result = profile(name, shape, device=device, train=train, memory=memory, repeats=repeats, out_channels=out_channels)
         is_3d = len(result.input_shape) == 5
-        results.append(EfficiencyResult(result, throughput.get(name) if is_3d else None))
+        runs = _repeat_memory(result, name, device, train, repeats_memory, out_channels) if memory else {}
+        results.append(EfficiencyResult(result, throughput.get(name) if is_3d else None, runs))
     return results
+
+
+def _repeat_memory(result: ProfileResult, name: str, device: str, train: bool, repeats: int,
+                   out_channels: int) -> dict[str, list[int]]:
+    """Measure ``result``'s peaks ``repeats`` times in all (the profile's own first) and put their medians in it."""
+    if repeats <= 1:
+        return {}
+    runs: dict[str, list[int]] = {}
+    for kind, attribute, training in (("infer", "peak_infer_bytes", False), ("train", "peak_train_bytes", True)):
+        first = getattr(result, attribute)
+        if first is None or (training and not train):
+            continue
+        values = [first] + [measure_peak(name, result.input_shape, device, training, out_channels=out_channels)[0]
+                            for _ in range(repeats - 1)]
+        setattr(result, attribute, int(statistics.median(values)))
+        runs[kind] = values
+    return runs

@@ -72,6 +72,56 @@ def accuracy_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
     return markdown_table(table)
 
 
+def cross_validation_table(summary: Sequence[dict[str, Any]], baseline: str) -> str:
+    """Mean +- SD over folds of each network's Dice (mean and per label), the per-fold values, and the mean
+    paired difference to ``baseline`` (:func:`medunet.bench.accuracy.fold_summary` rows)."""
+    reference = next((entry for entry in summary if entry["network"] == baseline), None)
+    table = []
+    for entry in summary:
+        cells = {"network": entry["network"], "folds": str(len(entry["folds"]))}
+        cells["mean Dice"] = f"{entry['mean_dice']:.4f} ± {entry['mean_dice_sd']:.4f}"
+        if reference is not None and entry is not reference:
+            common = [k for k in entry["per_fold"] if k in reference["per_fold"]]
+            if common:
+                difference = sum(entry["per_fold"][k] - reference["per_fold"][k] for k in common) / len(common)
+                cells["mean Dice"] += f" ({difference:+.4f})"
+        for key in entry:
+            if key.startswith("dice_") and not key.endswith("_sd"):
+                cells[key] = f"{entry[key]:.4f} ± {entry[key + '_sd']:.4f}"
+        cells["per fold"] = " / ".join(f"{value:.4f}" for value in entry["per_fold"].values())
+        cells["DS heads"] = str(entry.get("deep_supervision") or 0)
+        cells["train min (all folds)"] = f"{entry.get('train_seconds', 0) / 60:.1f}"
+        table.append(cells)
+    return markdown_table(table)
+
+
+def comparison_sentences(comparisons: Sequence[dict[str, Any]], bar: str | None = None, margin: float = 0.005) -> str:
+    """One sentence per compared pair (:func:`medunet.bench.accuracy.compare_networks`): the mean paired
+    difference, its SD, the folds won, and whether it exceeds the fold-to-fold spread; against ``bar``, also
+    whether the network beats it by ``margin`` (issue 10 asks for 0.005 over SegResNet)."""
+    lines = []
+    for c in comparisons:
+        verdict = ("**exceeds the fold-to-fold spread**" if c["exceeds_spread"] else
+                   "within the fold-to-fold spread" if c["folds"] > 1 else "one fold: no spread to compare with")
+        line = (f"- `{c['network']}` vs `{c['reference']}`: {c['difference']:+.4f} mean Dice (paired SD "
+                f"{c['difference_sd']:.4f}, fold SD up to {c['fold_sd']:.4f}, higher in {c['wins']} of {c['folds']} "
+                f"folds): {verdict}.")
+        if bar is not None and c["reference"] == bar:
+            beats = c["difference"] >= margin and c["exceeds_spread"]
+            line += (f" Beats `{bar}` by {margin} beyond the spread: {'yes' if beats else 'no'}.")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def rank_agreement_section(agreement: dict[str, Any], first: str, second: str) -> str:
+    """The rank agreement of two protocols (:func:`medunet.bench.accuracy.rank_agreement`) as markdown."""
+    flipped = ", ".join(f"`{a}`/`{b}`" for a, b in agreement["discordant"]) or "none"
+    return (f"{agreement['networks']} networks trained under both; Kendall's tau {agreement['kendall_tau']:.3f}, "
+            f"Spearman's rho {agreement['spearman_rho']:.3f}; pairs ordered differently: {flipped}.\n\n"
+            f"- {first}: " + " > ".join(f"`{n}`" for n in agreement["order_first"]) + "\n"
+            f"- {second}: " + " > ".join(f"`{n}`" for n in agreement["order_second"]))
+
+
 def provenance_line() -> str:
     """Date, machine, device and commit, for the head of a results file."""
     found = git_commit()
@@ -139,7 +189,13 @@ validation cases of one fold after every network was trained with the same recip
 the last epoch; the bracket is the difference in mean Dice to the baseline). A network is worth its place
 when no other is both cheaper and at least as accurate: it lies on the upper-left edge of the plots. The
 Dice figures come from one fold and one seed: small differences can be run-to-run noise, so check them on
-other folds (--fold) before concluding."""
+other folds (--folds 0 1 2) before concluding."""
+HOW_TO_READ_FOLDS = """\
+With several folds (--folds), each network's Dice is the mean ± SD over folds (the SD is the fold-to-fold
+spread: the validation cases change, the recipe and seed do not), and a sentence per network says whether its
+paired difference to the MONAI UNet and to SegResNet exceeds that spread; a difference inside it is not a
+finding. CPU peak-memory figures move by about ±0.15x between runs: with --repeats-memory N they are the median
+of N fresh-process measurements."""
 
 
 def results_report(
@@ -150,6 +206,7 @@ def results_report(
     recipe: dict[str, Any] | None = None,
     setup: str = "",
     plot: str | None = None,
+    folds: dict[str, Any] | None = None,
 ) -> str:
     """The benchmark's results file (``benchmarks/RESULTS.md``): provenance, command, recipe, tables, plot.
 
@@ -161,12 +218,14 @@ def results_report(
         recipe: the training recipe (workflow overrides) shared by every network.
         setup: a line naming the data, fold and workflow of the accuracy half.
         plot: the Pareto plot's path relative to the results file, embedded as an image.
+        folds: a cross-validation's ``{"summary", "comparisons", "bar"}`` (and ``"agreement"``, ``"protocols"``
+            when compared with another protocol), shown instead of the one-fold table.
     """
     parts = [
         "# medunet bench results",
         provenance_line(),
         f"Command (from the repository root):\n\n```bash\n{command}\n```",
-        HOW_TO_READ,
+        HOW_TO_READ if folds is None else HOW_TO_READ_FOLDS,
         f"## Efficiency\n\nRatios are to `{baseline}`, measured in the same run.\n\n{efficiency_tables(efficiency, baseline)}",
     ]
     if accuracy is not None:
@@ -174,8 +233,18 @@ def results_report(
         if recipe is not None:
             section.append("Recipe (workflow overrides, the same for every network):\n\n```json\n"
                            f"{json.dumps(recipe, indent=2)}\n```")
-        section.append(f"Dice per label on the validation fold; differences are to `{baseline}`.\n\n"
-                       f"{accuracy_table(accuracy, baseline)}")
+        if folds is None:
+            section.append(f"Dice per label on the validation fold; differences are to `{baseline}`.\n\n"
+                           f"{accuracy_table(accuracy, baseline)}")
+        else:
+            section.append(f"Mean ± SD over folds (sample SD); the bracket is the mean paired difference to "
+                           f"`{baseline}`.\n\n{cross_validation_table(folds['summary'], baseline)}")
+            section.append("### Which differences exceed the fold-to-fold spread\n\n"
+                           + (comparison_sentences(folds["comparisons"], folds.get("bar")) or "No pair to compare."))
+            if folds.get("agreement") is not None:
+                first, second = folds["protocols"]
+                section.append("### Rank agreement between protocols\n\n"
+                               + rank_agreement_section(folds["agreement"], first, second))
         if plot:
             section.append(f"![Mean Dice against parameters and peak inference memory]({plot})")
         parts.append("\n\n".join(section))

@@ -11,6 +11,8 @@ from typing import Any
 
 from medunet.cli.common import add_tracking_arguments, device_name, non_negative_int, positive_int
 
+PROTOCOL_NAMES = ("gpu", "cpu")  # medunet.bench.accuracy.PROTOCOLS, named here so --help imports nothing heavy
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--volume", default=None, help="sliding-window volume DxHxW (default 512x512x128; 'none' to skip)")
     parser.add_argument("--no-train", action="store_true", help="skip training-step memory and latency")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per latency figure (default 3)")
+    parser.add_argument("--repeats-memory", type=positive_int, default=1, metavar="N",
+                        help="measure each peak-memory figure N times (fresh processes) and report the median "
+                        "(default 1; 3 on the CPU, where peaks move by about +-0.15x between runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest"), help="output folder (default benchmarks/latest)")
     parser.add_argument("--results", type=Path, metavar="FILE",
                         help="also write the results file here (e.g. benchmarks/RESULTS.md), its plot beside it")
@@ -40,6 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--workflow", type=Path,
                           help="training workflow (default the task's: workflows/task04_hippocampus.json)")
     accuracy.add_argument("--fold", type=non_negative_int, default=0, help="validation fold (default 0)")
+    accuracy.add_argument("--folds", type=non_negative_int, nargs="+", metavar="K",
+                          help="cross-validation: train on each fold (into OUT/runs/fold<K>/<network>) and report "
+                          "mean +- SD over folds and which differences exceed the fold-to-fold spread")
+    accuracy.add_argument("--protocol", choices=PROTOCOL_NAMES, default="gpu",
+                          help="training budget: gpu (the full recipe, medunet.bench.accuracy.RECIPE; default) or "
+                          "cpu (whole Hippocampus volumes, about 30 minutes per network on 2 cores: CPU_RECIPE)")
+    accuracy.add_argument("--bar", default="monai_segresnet",
+                          help="the network to beat by 0.005 mean Dice (default monai_segresnet); compared like "
+                          "the baseline")
+    accuracy.add_argument("--compare", type=Path, metavar="OUT2",
+                          help="another bench folder (e.g. the other protocol's): report how alike the two order "
+                          "the networks they share (Kendall's tau, Spearman's rho)")
     accuracy.add_argument("--epochs", type=positive_int, help="epochs (default 20; --quick 2)")
     accuracy.add_argument("--epoch-length", type=positive_int, help="iterations per epoch (default 200; --quick 4)")
     accuracy.add_argument("--accuracy-networks", nargs="+",
@@ -93,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                                 "recipe": accuracy["recipe"]})
         results = run_efficiency(
             networks, shapes, device=args.device, memory=True, train=not args.no_train, repeats=args.repeats,
-            volume=_volume(args.volume, args.quick),
+            volume=_volume(args.volume, args.quick), repeats_memory=args.repeats_memory,
         )
         written = [
             write_csv([r.as_dict() for r in results], args.out / "efficiency.csv"),
@@ -108,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
             shape = "x".join(map(str, result.profile.input_shape))
             tracker.log_results(result.profile, prefix=f"{result.profile.name}.{shape}")
 
-        rows = plot = None
+        rows = plot = folds = None
         if accuracy is not None:
-            rows, plot, accuracy_files = _run_accuracy_half(args, accuracy, results, tracker)
+            rows, plot, accuracy_files, folds = _run_accuracy_half(args, accuracy, results, tracker)
             written += accuracy_files
             report += "\n" + (args.out / "accuracy.md").read_text(encoding="utf-8")
         if args.results is not None:
-            written += _write_results(args, command, results, rows, accuracy, plot)
+            written += _write_results(args, command, results, rows, accuracy, plot, folds)
         for path in written:
             tracker.log_artifact(path, "bench")
     print(report)
@@ -147,48 +164,92 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
     for name in trained:
         get_preset(name)
     recipe = recipe_with(parse_settings(args.set), quick=args.quick, epochs=args.epochs,
-                         epoch_length=args.epoch_length)
+                         epoch_length=args.epoch_length, protocol=args.protocol)
+    if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
+        raise MedunetError(f"--compare {args.compare}: no accuracy.csv there. Fix: pass the --out folder of a "
+                           "finished 'medunet bench --accuracy' run.")
+    folds = list(dict.fromkeys(args.folds)) if args.folds else None
     return {"networks": trained, "task_dir": str(task_dir), "workflow": str(workflow), "fold": args.fold,
-            "recipe": recipe}
+            "folds": folds, "protocol": args.protocol, "recipe": recipe}
 
 
 def _run_accuracy_half(
     args: argparse.Namespace, accuracy: dict[str, Any], results: list[Any], tracker: Any
-) -> tuple[list[dict[str, Any]], Path | None, list[Path]]:
-    """Train and score each network; write accuracy.csv, accuracy.md and pareto.png; log the Dice values."""
+) -> tuple[list[dict[str, Any]], Path | None, list[Path], dict[str, Any] | None]:
+    """Train and score each network; write accuracy.csv, accuracy.md and pareto.png (with --folds also
+    accuracy_folds.csv, the mean +- SD per network); log the Dice values."""
     from medunet.bench.accuracy import run_accuracy
     from medunet.bench.results import accuracy_table, pareto_plot, plot_shape, provenance_line, write_csv
 
     rows = run_accuracy(
         accuracy["networks"], accuracy["task_dir"], accuracy["workflow"], accuracy["fold"], args.out,
         recipe=accuracy["recipe"], tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, jobs=args.jobs,
+        experiment=args.experiment, jobs=args.jobs, folds=accuracy["folds"],
     )
     files = [write_csv(rows, args.out / "accuracy.csv")]
+    folds = _cross_validation(args, accuracy, rows) if accuracy["folds"] else None
+    if folds is None:
+        table = f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}"
+        points = rows
+    else:
+        files.append(write_csv([{k: v for k, v in entry.items() if k != "per_fold"} for entry in folds["summary"]],
+                               args.out / "accuracy_folds.csv"))
+        table = folds["markdown"]
+        points = folds["summary"]
     (args.out / "accuracy.md").write_text(
-        f"# medunet bench: accuracy\n\n{provenance_line()}\n\n{_setup_line(accuracy)}\n\n"
-        f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}\n", encoding="utf-8"
+        f"# medunet bench: accuracy\n\n{provenance_line()}\n\n{_setup_line(accuracy)}\n\n{table}\n", encoding="utf-8"
     )
     files.append(args.out / "accuracy.md")
-    plot = pareto_plot(results, rows, plot_shape(results), args.out / "pareto.png") if results else None
+    plot = pareto_plot(results, points, plot_shape(results), args.out / "pareto.png") if results else None
     if plot is not None:
         files.append(plot)
-    for row in rows:
+    for row in (rows if folds is None else folds["summary"]):
         tracker.log_metrics({f"{row['network']}.{key}": value for key, value in row.items()
-                             if key in ("mean_dice", "best_mean_dice", "train_seconds") or key.startswith("dice_")})
-    return rows, plot, files
+                             if key in ("mean_dice", "mean_dice_sd", "best_mean_dice", "train_seconds")
+                             or key.startswith("dice_")})
+    return rows, plot, files, folds
+
+
+def _cross_validation(args: argparse.Namespace, accuracy: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean +- SD per network, the comparisons with the baseline and the bar, and with --compare the rank
+    agreement with the other folder's networks."""
+    import csv
+
+    from medunet.bench.accuracy import compare_networks, fold_summary, rank_agreement
+    from medunet.bench.results import comparison_sentences, cross_validation_table, rank_agreement_section
+
+    summary = fold_summary(rows)
+    comparisons = compare_networks(summary, list(dict.fromkeys([args.baseline, args.bar])))
+    folds: dict[str, Any] = {"summary": summary, "comparisons": comparisons, "bar": args.bar}
+    parts = [f"Mean ± SD over folds; the bracket is the mean paired difference to `{args.baseline}`.",
+             cross_validation_table(summary, args.baseline), comparison_sentences(comparisons, args.bar)]
+    if args.compare is not None:
+        other: dict[str, list[float]] = {}
+        with (args.compare / "accuracy.csv").open(encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                other.setdefault(row["network"], []).append(float(row["mean_dice"]))
+        means = {name: sum(values) / len(values) for name, values in other.items()}
+        agreement = rank_agreement({entry["network"]: entry["mean_dice"] for entry in summary}, means)
+        folds.update(agreement=agreement, protocols=(f"this run ({accuracy['protocol']} protocol)", str(args.compare)))
+        parts.append(rank_agreement_section(agreement, *folds["protocols"]))
+    folds["markdown"] = "\n\n".join(parts)
+    return folds
 
 
 def _setup_line(accuracy: dict[str, Any]) -> str:
     recipe = accuracy["recipe"]
-    return (f"Trained on fold {accuracy['fold']} of `{accuracy['task_dir']}` with `{accuracy['workflow']}`, "
-            f"{recipe['max_epochs']} epochs x {recipe['epoch_length']} iterations, scored on that fold's validation "
+    folds = accuracy.get("folds")
+    where = (f"folds {', '.join(map(str, folds))}" if folds else f"fold {accuracy['fold']}")
+    return (f"Trained on {where} of `{accuracy['task_dir']}` with `{accuracy['workflow']}` "
+            f"({accuracy.get('protocol', 'gpu')} protocol), {recipe['max_epochs']} epochs x {recipe['epoch_length']} "
+            f"iterations, augmentation `{recipe.get('augment', 'light')}`, {recipe.get('deep_supervision', 0)} "
+            "deep-supervision heads where the network has a decoder for them, scored on each fold's validation "
             "cases (Dice of the last epoch).")
 
 
 def _write_results(
     args: argparse.Namespace, command: str, results: list[Any], rows: list[dict[str, Any]] | None,
-    accuracy: dict[str, Any] | None, plot: Path | None,
+    accuracy: dict[str, Any] | None, plot: Path | None, folds: dict[str, Any] | None = None,
 ) -> list[Path]:
     """``--results FILE``: the results markdown, with the Pareto plot copied beside it."""
     from medunet.bench.results import results_report
@@ -205,7 +266,7 @@ def _write_results(
         embedded = beside.name
     path.write_text(results_report(
         command, args.baseline, results, rows, recipe=accuracy["recipe"] if accuracy else None,
-        setup=_setup_line(accuracy) if accuracy else "", plot=embedded,
+        setup=_setup_line(accuracy) if accuracy else "", plot=embedded, folds=folds,
     ), encoding="utf-8")
     return written
 
@@ -218,9 +279,13 @@ def _command_line(args: argparse.Namespace) -> str:
     values = [("--networks", args.networks), ("--shapes", args.shapes),
               ("--baseline", None if args.baseline == "monai_unet_spleen" else args.baseline),
               ("--device", None if args.device == "cpu" else args.device), ("--volume", args.volume),
-              ("--repeats", None if args.repeats == 3 else args.repeats), ("--out", args.out),
+              ("--repeats", None if args.repeats == 3 else args.repeats),
+              ("--repeats-memory", None if args.repeats_memory == 1 else args.repeats_memory), ("--out", args.out),
               ("--task-dir", args.task_dir), ("--workflow", args.workflow),
-              ("--fold", args.fold or None), ("--epochs", args.epochs), ("--epoch-length", args.epoch_length),
+              ("--fold", args.fold or None), ("--folds", args.folds),
+              ("--protocol", None if args.protocol == "gpu" else args.protocol),
+              ("--bar", None if args.bar == "monai_segresnet" else args.bar), ("--compare", args.compare),
+              ("--epochs", args.epochs), ("--epoch-length", args.epoch_length),
               ("--accuracy-networks", args.accuracy_networks),
               ("--jobs", None if args.jobs == 1 else args.jobs), ("--results", args.results),
               ("--tracking-uri", args.tracking_uri),
