@@ -157,3 +157,71 @@ def test_torchrun_shards_cases_across_ranks_each_written_once_and_rerun_skips(tr
     assert names == sorted(p.name for p in inputs.iterdir())  # every case once, no temporaries
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("wrote 0 prediction(s)") == 2
+
+
+# -- whole-volume memory budget ---------------------------------------------------------------------------
+BUDGET_DRIVER = """
+import json, sys
+import torch
+from medunet.data import get_preset
+from medunet.deploy.memory import peak_resident_bytes
+from medunet.engines.inference import predict
+from medunet.errors import MedunetError
+torch.manual_seed(0)
+network = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 3, padding=1))
+try:
+    predict(network, get_preset("PhantomCT"), sys.argv[1], sys.argv[2], memory_budget=int(sys.argv[3]),
+            sw_batch_size=4, progress=False)
+except MedunetError as error:
+    print(json.dumps({"error": str(error)}))
+else:
+    print(json.dumps({"peak": peak_resident_bytes()}))
+"""
+
+
+def run_budget(image: Path, output: Path, budget: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", BUDGET_DRIVER, str(image), str(output), str(budget)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_parse_memory_size_and_a_too_small_budget_names_the_smallest_feasible(tmp_path: Path) -> None:
+    from medunet.data import make_phantom_task
+    from medunet.deploy.memory import parse_memory_size
+
+    assert parse_memory_size("2GiB") == 2 * 2**30 and parse_memory_size("1.5G") == 1_500_000_000
+    with pytest.raises(MedunetError, match="not a memory size"):
+        parse_memory_size("lots")
+    task = make_phantom_task(tmp_path / "task", kind="ct", num_cases=1, num_test=0, size=(40, 36, 20))
+    image = task / "imagesTr" / "phantom_000.nii.gz"
+    with pytest.raises(MedunetError, match=r"smallest feasible budget is about \d+MiB.*Fix: pass --memory-budget"):
+        predict(symmetric_conv(0, False), get_preset("PhantomCT"), image, tmp_path / "pred",
+                memory_budget=parse_memory_size("1MiB"), progress=False)
+    assert main(["infer", "--run-dir", str(tmp_path), "--input", str(image), "--memory-budget", "2 lots"]) == 2
+
+
+@pytest.mark.slow
+def test_memory_budget_keeps_the_measured_peak_under_three_budgets(tmp_path: Path) -> None:
+    import re
+
+    from medunet.data import make_phantom_task
+    from medunet.deploy.memory import parse_memory_size
+
+    task = make_phantom_task(tmp_path / "task", kind="ct", num_cases=1, num_test=0, size=(200, 200, 80))
+    image = task / "imagesTr" / "phantom_000.nii.gz"
+    refused = run_budget(image, tmp_path / "none", 2**20)
+    smallest = parse_memory_size(re.search(r"smallest feasible budget is about (\S+) ", refused["error"]).group(1))
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(8, 3, 3, padding=1))
+    (plain,) = predict(network, get_preset("PhantomCT"), image, tmp_path / "plain", sw_batch_size=4, progress=False)
+    for budget in (smallest, smallest + 64 * 2**20, 2 * smallest):
+        result = run_budget(image, tmp_path / f"budget{budget}", budget)
+        assert "error" not in result, result
+        assert result["peak"] <= budget, (result["peak"] / 2**20, budget / 2**20)
+        written = tmp_path / f"budget{budget}" / image.name
+        assert (labels_of(written) == labels_of(plain)).mean() >= 0.999

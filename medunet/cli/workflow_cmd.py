@@ -103,6 +103,10 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", choices=("flip",), default=None,
                         help="test-time mirroring: average the probabilities over all flips of each window (8x work)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch and onnxruntime (default: all)")
+    parser.add_argument("--memory-budget", type=_memory_size, metavar="SIZE",
+                        help="keep the process's peak memory under SIZE (e.g. 2GiB): streaming stitching with the "
+                        "window batch and float32/float16 accumulation planned per case; a budget too small is "
+                        "refused with the smallest feasible one (NIfTI inputs)")
     parser.add_argument("--checkpoint", default="best", help="'best' (models/model.pt), 'last' or a .pt file")
     parser.add_argument("--device", type=device_name,
                         help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
@@ -115,6 +119,15 @@ def _register_infer(subparsers: argparse._SubParsersAction) -> None:
                         help="predict again the cases whose OUT/<case>.nii.gz exists (default: skip them)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=_infer)
+
+
+def _memory_size(text: str) -> int:
+    from medunet.deploy.memory import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except MedunetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -139,7 +152,7 @@ def _infer(args: argparse.Namespace) -> int:
     settings = {"run_dir": [str(p) for p in args.run_dir], "inputs": [str(p) for p in args.input],
                 "checkpoint": args.checkpoint, "engine": args.engine, "tta": args.tta, "device": args.device,
                 "stitch_on_cpu": args.stitch_on_cpu, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
-                "overwrite": args.overwrite, "world_size": context.world_size}
+                "overwrite": args.overwrite, "memory_budget": args.memory_budget, "world_size": context.world_size}
     try:
         tracking = args if context.is_main else argparse.Namespace(**{**vars(args), "no_tracking": True})
         with tracker_from_args(tracking, output, tags={"kind": "infer"}) as tracker:
@@ -149,7 +162,8 @@ def _infer(args: argparse.Namespace) -> int:
                                    engine=args.engine, threads=args.threads, tta=args.tta, device=context.device,
                                    stitch_on_cpu=args.stitch_on_cpu, overlap=args.overlap,
                                    sw_batch_size=args.sw_batch_size, overwrite=args.overwrite,
-                                   shard=(context.rank, context.world_size), progress=context.is_main)
+                                   shard=(context.rank, context.world_size), progress=context.is_main,
+                                   memory_budget=args.memory_budget)
             barrier(context)
             tracker.log_metrics({"infer_cases": len(written), "infer_seconds": time.perf_counter() - start})
     finally:

@@ -291,6 +291,7 @@ def sliding_window_labels(
     batch_size: int = 4,
     accumulate_dtype: Any = np.float32,
     progress: Callable[[int, int], None] | None = None,
+    outputs: str = "logits",
 ) -> np.ndarray:
     """Argmax of the Gaussian-weighted average of softmax probabilities over sliding windows, as uint8.
 
@@ -308,6 +309,7 @@ def sliding_window_labels(
         batch_size: windows per call of ``predict``.
         accumulate_dtype: dtype of the accumulator (float32, or float16 to halve it).
         progress: called with (windows done, windows in all).
+        outputs: what ``predict`` returns: ``"logits"`` (softmax is applied here) or ``"probabilities"``.
     """
     roi = [int(r) for r in roi_size]
     shape = volume.shape[1:]
@@ -333,7 +335,9 @@ def sliding_window_labels(
         for first in range(0, len(positions), batch_size):
             chunk = positions[first:first + batch_size]
             windows = np.stack([volume[:, x:x + roi[0], y:y + roi[1], z:z + roi[2]] for x, y in chunk])
-            probabilities = _softmax(np.asarray(predict(windows), dtype=np.float32))
+            probabilities = np.asarray(predict(windows), dtype=np.float32)
+            if outputs == "logits":
+                probabilities = _softmax(probabilities)
             for (x, y), window in zip(chunk, probabilities):
                 buffer[:, x:x + roi[0], y:y + roi[1], :] += window.astype(accumulate_dtype) * importance
             done += len(chunk)

@@ -219,6 +219,7 @@ def predict(
     overwrite: bool = False,
     tta: str | None = None,
     shard: tuple[int, int] | None = None,
+    memory_budget: int | None = None,
 ) -> PredictionFiles:
     """Predict label maps for ``inputs`` and write them to ``output_dir/<case>.nii.gz`` in the original space.
 
@@ -244,6 +245,9 @@ def predict(
         tta: None, or ``"flip"`` for test-time mirroring (see :class:`ProbabilityAverage`).
         shard: ``(rank, world_size)``: predict only the cases ``i`` with ``i % world_size == rank`` (the others
             are left to the other processes, and the returned list names only this process's label maps).
+        memory_budget: peak resident bytes of the process not to exceed: each case runs the streaming pipeline
+            of :mod:`medunet.deploy.memory` with the window batch and stitching dtype planned for it (at most
+            ``sw_batch_size``); NIfTI inputs only.
 
     Returns:
         The label map files, one per input (of this shard), in input order (``.skipped`` lists the kept ones).
@@ -276,6 +280,12 @@ def predict(
         if isinstance(member, torch.nn.Module):
             member.to(device).eval()
     combined = ProbabilityAverage(members, tta=tta, spatial_dims=len(preset.patch_size))
+    roi = tuple(roi_size or preset.patch_size)
+    if memory_budget is not None:
+        for item, target in tqdm(pending, desc="infer", unit="case", disable=not progress):
+            _predict_within_budget(combined, preset, item["image"], target, roi, overlap, sw_batch_size, device,
+                                   memory_budget)
+        return PredictionFiles(targets, skipped)
     loader = DataLoader(Dataset([item for item, _ in pending], transform=preprocess), batch_size=1, num_workers=0)
     with torch.no_grad():
         batches = tqdm(loader, desc="infer", unit="case", disable=not progress)
@@ -302,6 +312,33 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Mo
     """
     record = read_run_record(run_dir)
     return load_trained_network(run_dir, record, checkpoint), record.preset, record
+
+
+def _predict_within_budget(network: ProbabilityAverage, preset: TaskPreset, image: str, target: Path,
+                           roi: tuple[int, ...], overlap: float, max_batch: int, device: torch.device,
+                           budget: int) -> None:
+    """One case through the streaming pipeline of :mod:`medunet.deploy.runner`, planned to stay under ``budget``."""
+    from medunet.deploy import memory, runner
+    from medunet.deploy.export import deploy_plan
+
+    plan = deploy_plan(preset, {"roi_size": roi, "overlap": overlap, "sw_batch_size": max_batch}, None, False)
+
+    def probabilities(windows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return network(torch.from_numpy(windows).to(device)).float().cpu().numpy()
+
+    source, grid, _ = memory.header_shapes(image, preset.target_spacing)
+    working = memory.window_working_bytes(probabilities, (preset.in_channels, *roi))
+    chosen = memory.plan_memory(budget, memory.resident_bytes(), source, grid, preset.in_channels,
+                                preset.out_channels, roi, max_batch, working, case=image)
+    array, affine = runner.read_image(image)
+    volume, state = runner.preprocess(array, affine, plan, where=image)
+    del array
+    labels = runner.sliding_window_labels(volume, probabilities, roi, preset.out_channels, overlap=overlap,
+                                          batch_size=chosen.sw_batch_size, accumulate_dtype=chosen.accumulate_dtype,
+                                          outputs="probabilities")
+    del volume
+    runner.write_labels(runner.postprocess(labels, state), affine, target)
 
 
 def _same_task(records: Sequence[tuple[Path, RunRecord]]) -> None:
