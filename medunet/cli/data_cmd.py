@@ -1,4 +1,5 @@
-"""``medunet check-data``, ``make-phantom``, ``make-datalist``: validate, synthesise and split MSD tasks."""
+"""``medunet check-data``, ``make-phantom``, ``make-datalist``, ``plan``: validate, synthesise, split and plan
+MSD-layout tasks."""
 
 from __future__ import annotations
 
@@ -44,6 +45,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     folds.add_argument("--out", type=Path, help="output JSON (default TASK_DIR/folds.json, beside dataset.json)")
     folds.set_defaults(func=_make_datalist)
 
+    plan = subparsers.add_parser(
+        "plan", help="fingerprint a task and derive its preprocessing and patch size (plan.json), as nnU-Net does",
+        description="Compute the dataset fingerprint (shapes, spacings, label volumes, foreground intensities; "
+        "cached in TASK_DIR/fingerprint.json) and derive a plan from it: target spacing, normalisation, crop, "
+        "patch size and levels, each with where it came from. 'medunet train TASK_DIR' uses the plan for tasks "
+        "without a shipped preset. Edit plan.json freely; it is validated when read.")
+    plan.add_argument("task_dir", metavar="TASK_DIR", type=Path, help="MSD task folder holding dataset.json")
+    plan.add_argument("--out", type=Path, help="plan file (default TASK_DIR/plan.json); the fingerprint is cached "
+                      "beside it")
+    plan.add_argument("--patch-voxels", type=positive_int, default=128**3,
+                      help="most voxels in a training patch: the memory budget (default 128^3 = 2097152)")
+    plan.add_argument("--allow-single-case", action="store_true", help="plan from a task with one labelled case")
+    plan.set_defaults(func=_plan)
+
 
 def _check_data(args: argparse.Namespace) -> int:
     from medunet.data.check import assert_task_ok
@@ -73,5 +88,23 @@ def _make_datalist(args: argparse.Namespace) -> int:
     # Beside the task's dataset.json, not in the current folder (which may be this repository).
     out = write_datalist(args.task_dir, args.out or Path(args.task_dir) / "folds.json", num_folds=args.folds,
                          seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from medunet.data.fingerprint import FINGERPRINT_FILE, compute_fingerprint
+    from medunet.data.plan import PLAN_FILE, make_plan, write_plan
+
+    out = args.out or Path(args.task_dir) / PLAN_FILE
+    fingerprint = compute_fingerprint(args.task_dir, cache=out.parent / FINGERPRINT_FILE, progress=sys.stderr.isatty())
+    plan = make_plan(fingerprint, patch_voxels=args.patch_voxels, allow_single_case=args.allow_single_case)
+    write_plan(plan, out)
+    preset = plan["preset"]
+    print(json.dumps({key: preset[key] for key in ("modality", "target_spacing", "patch_size", "ct_window")}))
+    for key, source in plan["sources"].items():
+        print(f"  {key}: {source}")
     print(f"wrote {out}")
     return 0
