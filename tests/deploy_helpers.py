@@ -8,7 +8,7 @@ from medunet.engines import run_workflow
 from medunet.engines.demo import prepare_phantom
 from medunet.paths import REPO_ROOT
 
-DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+DEMO_WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 
 
 def train_tiny_run(root: Path, iterations: int = 30) -> tuple[Path, Path]:

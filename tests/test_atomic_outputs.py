@@ -34,7 +34,7 @@ from medunet.evaluation import evaluate_folders
 from medunet.evaluation.cases import list_images
 from medunet.paths import REPO_ROOT
 
-DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+DEMO_WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 # A fixed 'network' for the driver scripts: label 1 above a threshold (no training needed).
 THRESHOLD_NETWORK = """

@@ -19,7 +19,7 @@ from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
 from medunet.run_folder import CONFIG_FILE
 
-WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 NETWORKS = ["lunet_small_2f", "unet_small_2f"]
 # The recipe at a smoke-test budget; the memory profile after training is left out to keep the tests short.
 TINY = {"patch_size": [16, 16, 16], "profile_memory": False}

@@ -17,7 +17,7 @@ from medunet.cli import main
 from medunet.data import make_phantom_task, write_datalist
 from medunet.paths import REPO_ROOT
 
-DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+DEMO_WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 
 
 def one_error_line(capsys: pytest.CaptureFixture, *words: str) -> str:

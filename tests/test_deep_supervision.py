@@ -130,7 +130,7 @@ def test_a_workflow_with_heads_trains_on_the_wrapped_loss_and_validates_the_plai
                                     "epoch_length": 3, "val_interval": 1, "patch_size": [16, 16, 16],
                                     "deep_supervision": 2, "augment": "nnunet", "tracking": False,
                                     "profile_memory": False, "progress": False})
-    (summary,) = run_workflow(REPO_ROOT / "workflows" / "phantom_demo.json", overrides)
+    (summary,) = run_workflow(REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json", overrides)
     assert summary["finished"] and summary["epochs"] == 2
     record = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     assert record["network"]["args"]["deep_supervision"] == 2

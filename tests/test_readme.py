@@ -16,7 +16,7 @@ from medunet.paths import REPO_ROOT
 SECTIONS_RUN = ("## Networks", "## Profiling")
 SKIP_MARK = "<!-- test: skip"
 # What the README's relative paths name besides the outputs: linked into the temp folder, never written.
-REPO_PATHS = ("workflows", "data_lists", "tests")
+REPO_PATHS = ("medunet", "data_lists", "tests")
 
 
 def readme() -> str:

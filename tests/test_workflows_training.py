@@ -26,7 +26,7 @@ from medunet.networks import create_network
 from medunet.paths import REPO_ROOT
 from medunet.run_folder import CONFIG_FILE
 
-DEMO_WORKFLOW = REPO_ROOT / "workflows" / "phantom_demo.json"
+DEMO_WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 NETWORK = "lunet_small_4f"
 
 
@@ -199,9 +199,11 @@ def test_unknown_workflow_key_and_network_fail_before_training(tiny_task: Path, 
 
 
 def test_monai_bundle_run_trains_the_demo_config(tmp_path: Path) -> None:
-    """The workflow file is a MONAI bundle config: ``monai.bundle run`` generates the phantom and trains."""
+    """The workflow files are MONAI bundle configs: ``monai.bundle run`` merges the base and the demo's
+    override as medunet does, generates the phantom and trains."""
     task_dir, run_dir = tmp_path / "Task91_PhantomMRI", tmp_path / "run"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(DEMO_WORKFLOW),
+    files = f"['{DEMO_WORKFLOW.with_name('base.json')}','{DEMO_WORKFLOW}']"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
                "--dataset_dir", str(task_dir), "--run_dir", str(run_dir), "--network_name", NETWORK,
                "--max_epochs", "1", "--epoch_length", "2", "--phantom_cases", "5", "--patch_size", "[16,16,16]",
                "--progress", "False", "--generate_phantom", "True"]

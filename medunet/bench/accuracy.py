@@ -187,7 +187,7 @@ def run_accuracy(
     Args:
         networks: registry names (``medunet networks``), trained in this order.
         task_dir: the MSD task folder (e.g. ``../shared/data/Task04_Hippocampus``).
-        workflow: the training workflow file (e.g. ``workflows/task04_hippocampus.json``).
+        workflow: the training workflow file (e.g. ``medunet/workflows/task04_hippocampus.json``).
         fold: the validation fold of the workflow's datalist (when ``folds`` is None).
         out_dir: the benchmark folder; each training goes to ``OUT_DIR/runs/<network>``
             (``OUT_DIR/runs/fold<k>/<network>`` with ``folds``).
@@ -209,7 +209,7 @@ def run_accuracy(
 
     Example:
         >>> rows = run_accuracy(["lunet_small_8f"], "../shared/data/Task04_Hippocampus",  # doctest: +SKIP
-        ...                     "workflows/task04_hippocampus.json", out_dir="benchmarks/latest")
+        ...                     "medunet/workflows/task04_hippocampus.json", out_dir="benchmarks/latest")
         >>> rows[0]["dice_Anterior"]  # doctest: +SKIP
     """
     task_dir, workflow, out_dir = Path(task_dir).resolve(), Path(workflow), Path(out_dir)

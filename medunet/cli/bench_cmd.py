@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--task-dir", type=Path,
                           help="MSD task folder (default ../shared/data/Task04_Hippocampus)")
     accuracy.add_argument("--workflow", type=Path,
-                          help="training workflow (default the task's: workflows/task04_hippocampus.json)")
+                          help="training workflow (default the task's: medunet/workflows/task04_hippocampus.json)")
     accuracy.add_argument("--fold", type=non_negative_int, default=0, help="validation fold (default 0)")
     accuracy.add_argument("--folds", type=non_negative_int, nargs="+", metavar="K",
                           help="cross-validation: train on each fold (into OUT/runs/fold<K>/<network>) and report "
@@ -154,7 +154,7 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
                            "--task-dir, or put Task04_Hippocampus in ../shared/data (or $MEDUNET_SHARED_DATA).")
     workflow = args.workflow or workflow_for_task(task_dir)
     if not Path(workflow).is_file():
-        raise MedunetError(f"workflow {workflow} does not exist. Fix: pass --workflow workflows/<task>.json.")
+        raise MedunetError(f"workflow {workflow} does not exist. Fix: pass --workflow medunet/workflows/<task>.json.")
     if args.accuracy_networks == ["profiled"] or (args.accuracy_networks is None and (args.quick or args.networks)):
         trained = list(networks)
     else:

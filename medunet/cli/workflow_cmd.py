@@ -37,12 +37,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a network on one fold of an MSD task (resumes an interrupted run)",
-        description="Run a workflow config (workflows/*.json, MONAI bundle style) with the options below as "
+        description="Run a workflow config (medunet/workflows/*.json or your own, MONAI bundle style) with the options below as "
         "overrides. Rerunning the same command after a crash resumes from RUN_DIR/checkpoints/checkpoint_last.pt. "
         "Under torchrun every process runs this command and rank 0 writes. " + WORKFLOWS_ARE_CODE,
     )
     parser.add_argument("task_dir", nargs="?", type=Path,
-                        help="MSD task folder; picks workflows/<task>.json and sets --data-root (or use --workflow)")
+                        help="MSD task folder; picks medunet/workflows/<task>.json and sets --data-root (or use --workflow)")
     parser.add_argument("--workflow", type=Path, help="workflow config file (default: the task's, from TASK_DIR)")
     parser.add_argument("--network", help="network name from 'medunet networks' (default: the workflow's)")
     parser.add_argument("--fold", type=non_negative_int, help="validation fold of the datalist (default: the workflow's, 0)")
@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.workflow is None and args.task_dir is None:
         raise MedunetError("name a task folder or a workflow. Fix: 'medunet train TASK_DIR' or "
-                           "'medunet train --workflow workflows/task04_hippocampus.json --data-root TASK_DIR'.")
+                           "'medunet train --workflow medunet/workflows/task04_hippocampus.json --data-root TASK_DIR'.")
     workflow = args.workflow or workflow_for_task(args.task_dir)
     overrides = build_overrides(network=args.network, fold=args.fold, data_root=args.data_root or args.task_dir,
                                 datalist=args.datalist, run_dir=args.run_dir, epochs=args.epochs,

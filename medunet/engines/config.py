@@ -1,6 +1,9 @@
-"""Workflow configs: MONAI bundle-style JSON files in ``workflows/``, loaded with ``monai.bundle.ConfigParser``.
+"""Workflow configs: MONAI bundle-style JSON files in ``medunet/workflows/``, loaded with
+``monai.bundle.ConfigParser``. ``base.json`` holds what every workflow shares (training, validation, tracking);
+each task's file names it with ``"_base_": "base.json"`` and overrides a few top-level keys.
 
-A workflow file runs unchanged with ``python -m monai.bundle run --config_file workflows/<x>.json`` (add
+A workflow runs unchanged with ``python -m monai.bundle run --config_file "['medunet/workflows/base.json',
+'medunet/workflows/<x>.json']"`` (add
 ``--dataset_dir``, ``--fold``, ``--network_name``... to override). ``medunet train`` loads the same file and
 applies its options as overrides of the same top-level keys:
 
@@ -30,20 +33,39 @@ from monai.bundle import ConfigParser
 
 from medunet.data import load_task, preset_for_task
 from medunet.errors import MedunetError, user_error_inside
-from medunet.paths import REPO_ROOT
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+#: The shipped workflows (package data): ``base.json`` and one short override file per task.
+WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+BASE_KEY = "_base_"
 NETWORK_DEF = "$create_network(@network_name, **@network_args)"
 
 
 def list_workflows() -> list[Path]:
-    """The workflow files shipped in ``workflows/``."""
-    return sorted(WORKFLOWS_DIR.glob("*.json"))
+    """The runnable workflow files shipped in ``medunet/workflows/`` (not the base they extend)."""
+    return sorted(path for path in WORKFLOWS_DIR.glob("*.json") if path.name != "base.json")
+
+
+def workflow_files(config_file: str | Path) -> list[Path]:
+    """The files a workflow is made of, base first: a file naming ``"_base_": "base.json"`` extends that file
+    (resolved beside it), as ``python -m monai.bundle run --config_file "['base.json', 'task.json']"`` merges them.
+    """
+    path = Path(config_file)
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get(BASE_KEY) if path.suffix == ".json" else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        base = None  # read_config reports a broken file with its own message
+    if not isinstance(base, str):
+        return [path]
+    base_path = path.parent / base
+    if not base_path.is_file() or base_path.resolve() == path.resolve():
+        raise MedunetError(f"workflow {path} extends {base!r}, which is not a file beside it. Fix: put {base} next "
+                           f"to it (a copy of {WORKFLOWS_DIR / 'base.json'}) or remove the \"{BASE_KEY}\" key.")
+    return [*workflow_files(base_path), path]
 
 
 def workflow_for_task(task_dir: str | Path) -> Path:
-    """The shipped workflow of a task folder: ``workflows/task04_hippocampus.json`` for Task04, and
-    ``workflows/phantom_demo.json`` for phantoms.
+    """The shipped workflow of a task folder: ``medunet/workflows/task04_hippocampus.json`` for Task04, and
+    ``phantom_demo.json`` for phantoms.
 
     Args:
         task_dir: an MSD task folder (its preset names the workflow).
@@ -137,7 +159,8 @@ def load_workflow(config_file: str | Path, overrides: Mapping[str, Any] | None =
     """Read a workflow file and apply overrides of its top-level keys.
 
     Args:
-        config_file: a ``workflows/*.json`` file (or a run's ``workflow.json``).
+        config_file: a ``medunet/workflows/*.json`` file or one of yours (``"_base_"`` files extend their base),
+            or a run's ``workflow.json`` (the merged config, standalone).
         overrides: ``{key: value}``; keys must exist in the file (a typo fails here, not hours later).
     """
     path = Path(config_file)
@@ -145,7 +168,7 @@ def load_workflow(config_file: str | Path, overrides: Mapping[str, Any] | None =
         raise MedunetError(f"workflow {path} does not exist. Fix: use one of {[str(p) for p in list_workflows()]}.")
     parser = ConfigParser()
     try:
-        parser.read_config(str(path))
+        parser.read_config([str(file) for file in workflow_files(path)])
     except (json.JSONDecodeError, ValueError) as error:
         raise MedunetError(f"workflow {path} is not valid JSON/YAML ({error}). Fix: repair the file.") from error
     unknown = sorted(set(overrides or {}) - set(parser.get()))

@@ -64,7 +64,7 @@ def run_demo(
     run_dir: str | Path | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Phantom -> train (``workflows/phantom_demo.json``) -> predict the held-out fold -> evaluate and report.
+    """Phantom -> train (``medunet/workflows/phantom_demo.json``) -> predict the held-out fold -> evaluate and report.
 
     Args:
         out_dir: everything goes here: ``Task91_PhantomMRI/`` (the data, generated once and reused) and ``run/``

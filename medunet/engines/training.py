@@ -1,6 +1,6 @@
 """The training builder: MONAI ``SupervisedTrainer`` + ``SupervisedEvaluator`` and handlers, from a workflow config.
 
-:class:`SegmentationTraining` is what ``workflows/*.json`` instantiate (``"training": {"_target_":
+:class:`SegmentationTraining` is what ``medunet/workflows/*.json`` instantiate (``"training": {"_target_":
 "medunet.engines.SegmentationTraining", ...}``) and what ``"run": ["$@training.run()"]`` runs, so
 ``python -m monai.bundle run`` and ``medunet train`` execute the same code. :meth:`SegmentationTraining.build`
 assembles:
