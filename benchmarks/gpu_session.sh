@@ -13,9 +13,10 @@
 #   medunet bench --accuracy --folds 0 1 2 --out benchmarks/recipe_gpu --results benchmarks/RESULTS.md --repeats-memory 3
 #
 # Wheels for what the machine lacks (monai, pytorch-ignite, nibabel) and the Hippocampus task are expected in
-# .devcarry/ (git-ignored). The repository and the data are copied to /work/main and /work/shared/data, the
-# paths they have on the development machine, so the finished run folders are reused there as they are:
-# `medunet bench --accuracy ...` on the CPU then measures the efficiency half and reads the trainings back.
+# .devcarry/ (git-ignored). The script runs from wherever the checkout is; the data is put at ../shared/data beside
+# it, as on the development machine. Run folders record paths relative to the repository, so the finished ones
+# are reused there as they are: `medunet bench --accuracy ...` on the CPU then measures the efficiency half and
+# reads the trainings back.
 # Tracking is off here (no MLflow on that machine); the bench run that reads the results back logs them.
 set -euo pipefail
 mode=${1:?usage: gpu_session.sh smoke|accuracy|efficiency NETWORK...}
@@ -26,13 +27,13 @@ python3 -c "import monai" 2>/dev/null || {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry/whl/*.whl
     export PYTHONPATH=/tmp/site
 }
-if [ "$PWD" != /work/main ]; then
-    mkdir -p /work/main && cp -r . /work/main/ && cd /work/main
-fi
-[ -f /work/shared/data/Task04_Hippocampus/dataset.json ] || {
-    mkdir -p /work/shared/data && cp -r .devcarry/data/Task04_Hippocampus /work/shared/data/
+cd "$(dirname "$0")/.."  # the checkout, wherever it is
+# The data goes where it sits beside the checkout on the development machine (../shared/data), so the run
+# records (paths relative to the repository) read the same on both machines and the run folders are reused.
+[ -f ../shared/data/Task04_Hippocampus/dataset.json ] || {
+    mkdir -p ../shared/data && cp -r .devcarry/data/Task04_Hippocampus ../shared/data/
 }
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/work/main PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # The tree arrives without .git: name the commit for the results files (git rev-parse HEAD >.devcarry/COMMIT).
 MEDUNET_COMMIT=$(cat .devcarry/COMMIT 2>/dev/null || echo unknown)
 export MEDUNET_COMMIT

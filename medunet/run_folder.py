@@ -47,6 +47,8 @@ PREDICTIONS_DIR = "predictions"
 EVALUATION_DIR = "evaluation"
 SUMMARY_FILE = f"{EVALUATION_DIR}/summary.json"
 
+#: Workflow keys holding paths: ``workflow.json`` writes them as they read on any machine with the same layout.
+WORKFLOW_PATH_KEYS = ("dataset_dir", "datalist", "run_dir")
 #: 1: config.json without ``format_version`` (medunet 0.1 before the run record); 2: this module.
 FORMAT_VERSION = 2
 #: Leading characters that make a string an expression, reference or macro in MONAI's ConfigParser.
@@ -268,8 +270,9 @@ class RunRecord:
         preset: the preprocessing the network was trained with (task name, labels, modality, spacing, patch, window).
         network: the network (registry name and arguments).
         fold: the validation fold.
-        dataset_dir: the task folder trained on (as recorded).
-        datalist: the k-fold datalist file (as recorded).
+        dataset_dir: the task folder trained on, relative to the repository when it lay beside it
+            (:func:`medunet.paths.portable_path`; :attr:`dataset_path` resolves it on this machine).
+        datalist: the k-fold datalist file, written the same way (:attr:`datalist_path`).
         num_train_cases: training cases of the fold.
         num_val_cases: validation cases of the fold.
         recipe: the training recipe (loss, optimizer, epochs, batch, sliding window...), plain data.
@@ -298,6 +301,20 @@ class RunRecord:
     def labels(self) -> dict[int, str]:
         """Label value -> name, background included."""
         return dict(self.preset.labels)
+
+    @property
+    def dataset_path(self) -> Path | None:
+        """The task folder on this machine (recorded relative to the repository when it lay beside it)."""
+        from medunet.paths import resolve_portable
+
+        return resolve_portable(self.dataset_dir) if self.dataset_dir else None
+
+    @property
+    def datalist_path(self) -> Path | None:
+        """The datalist file on this machine."""
+        from medunet.paths import resolve_portable
+
+        return resolve_portable(self.datalist) if self.datalist else None
 
     @property
     def sliding_window(self) -> dict[str, Any]:

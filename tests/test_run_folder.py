@@ -238,3 +238,16 @@ def test_weights_that_do_not_fit_the_record_are_refused(run_dir: Path) -> None:
                       run_dir / MODEL_FILE)
     with pytest.raises(MedunetError, match="does not fit the network"):
         load_trained_network(run_dir)
+
+
+def test_paths_are_recorded_as_they_read_on_any_machine_with_the_same_layout(tmp_path: Path) -> None:
+    from medunet.paths import REPO_ROOT, portable_path, resolve_portable
+
+    beside = REPO_ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
+    assert portable_path(beside) == "../shared/data/Task04_Hippocampus"
+    assert portable_path(REPO_ROOT / "data_lists" / "x.json") == "data_lists/x.json"
+    assert portable_path(tmp_path / "task") == str((tmp_path / "task").resolve())  # elsewhere: absolute
+    for path in (beside, tmp_path / "task"):
+        assert resolve_portable(portable_path(path)) == path.resolve()
+    record = RunRecord.from_dict({**_record().to_dict(), "dataset_dir": "../shared/data/Task04_Hippocampus"})
+    assert record.dataset_path == beside.resolve()

@@ -50,10 +50,11 @@ from tqdm import tqdm
 from medunet.engines.config import build_overrides, load_workflow, run_workflow
 from medunet.errors import MedunetError
 from medunet.networks import create_network
-from medunet.paths import REPO_ROOT
+from medunet.paths import REPO_ROOT, portable_path
 from medunet.run_folder import (
     METRICS_JSON,
     WORKFLOW_FILE,
+    WORKFLOW_PATH_KEYS,
     RunRecord,
     read_json_file,
     read_run_record,
@@ -354,6 +355,7 @@ def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
     before = read_json_file(run_dir / WORKFLOW_FILE, "the workflow the run was trained with")
     if before is None:
         return
+    before, overrides = _portable(before), _portable(overrides)  # paths compare the same on every machine
     def was(key: str) -> Any:
         return before.get(key, _KEY_DEFAULTS.get(key))
 
@@ -363,6 +365,11 @@ def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
         detail = ", ".join(f"{key}: {was(key)!r} -> {overrides[key]!r}" for key in changed)
         raise MedunetError(f"{run_dir} was trained with another recipe ({detail}); reusing it would mix budgets. "
                            "Fix: pass another --out, or delete that folder to retrain.")
+
+
+def _portable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: portable_path(value) if key in WORKFLOW_PATH_KEYS and isinstance(value, str) and not value.startswith("$")
+            else value for key, value in settings.items()}
 
 
 def _datalist_override(workflow: Path) -> str | None:

@@ -237,10 +237,13 @@ def _cross_validation(args: argparse.Namespace, accuracy: dict[str, Any], rows: 
 
 
 def _setup_line(accuracy: dict[str, Any]) -> str:
+    from medunet.paths import portable_path
+
     recipe = accuracy["recipe"]
     folds = accuracy.get("folds")
     where = (f"folds {', '.join(map(str, folds))}" if folds else f"fold {accuracy['fold']}")
-    return (f"Trained on {where} of `{accuracy['task_dir']}` with `{accuracy['workflow']}` "
+    task, workflow = portable_path(accuracy["task_dir"]), portable_path(accuracy["workflow"])
+    return (f"Trained on {where} of `{task}` with `{workflow}` "
             f"({accuracy.get('protocol', 'gpu')} protocol), {recipe['max_epochs']} epochs x {recipe['epoch_length']} "
             f"iterations, augmentation `{recipe.get('augment', 'light')}`, {recipe.get('deep_supervision', 0)} "
             "deep-supervision heads where the network has a decoder for them, scored on each fold's validation "

@@ -78,9 +78,11 @@ from medunet.engines.guards import NonFiniteLossGuard
 from medunet.engines.losses import StackedDeepSupervisionLoss, deep_supervision_heads
 from medunet.environment import device_description
 from medunet.errors import MedunetError
+from medunet.paths import portable_path
 from medunet.run_folder import (
     PROFILE_FILE,
     WORKFLOW_FILE,
+    WORKFLOW_PATH_KEYS,
     NetworkRecord,
     RunRecord,
     Session,
@@ -429,8 +431,8 @@ class SegmentationTraining:
                                   class_path=f"{type(network).__module__}.{type(network).__qualname__}",
                                   parameters=sum(p.numel() for p in network.parameters())),
             fold=self.fold,
-            dataset_dir=str(self.dataset_dir.resolve()),
-            datalist=str(self.datalist.resolve()),
+            dataset_dir=portable_path(self.dataset_dir),
+            datalist=portable_path(self.datalist),
             num_train_cases=num_train,
             num_val_cases=num_val,
             recipe=json.loads(json.dumps(recipe, default=str)),
@@ -440,8 +442,10 @@ class SegmentationTraining:
         write_run_record(record, self.run_dir)
         if not (self.run_dir / PROFILE_FILE).is_file():
             self._write_profile()
-        if self._workflow is not None:
-            atomic_write_text(json.dumps(self._workflow, indent=2) + "\n", self.run_dir / WORKFLOW_FILE)
+        if self._workflow is not None:  # its paths written as they read on any machine with the same layout
+            workflow = {key: portable_path(value) if key in WORKFLOW_PATH_KEYS and _is_plain_path(value) else value
+                        for key, value in self._workflow.items()}
+            atomic_write_text(json.dumps(workflow, indent=2) + "\n", self.run_dir / WORKFLOW_FILE)
 
     def _write_profile(self) -> None:
         """``RUN_DIR/profile.json``: parameters, multiply-adds, memory and latency at the training batch."""
@@ -505,6 +509,10 @@ class SegmentationTraining:
             "resumed_from_epoch": self.resumed_from_epoch,
             "last": recorder.history[-1] if recorder.history else {},
         }
+
+
+def _is_plain_path(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and not str(value).startswith(("$", "@", "%"))
 
 
 def _tqdm_write(message: str) -> None:
