@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="voxels per axis (default 48 48 32)")
     phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     phantom.add_argument("--channels", type=positive_int, default=1, help="image channels; >1 writes 4D images (default 1)")
+    phantom.add_argument("--label-values", type=int, nargs="+", metavar="V",
+                         help="values for background, organ, lesion [, cyst], e.g. 0 1 2 4 (default 0 1 2)")
+    phantom.add_argument("--name", help="dataset.json name (default PhantomCT/PhantomMRI; another name makes a task "
+                         "no preset knows, trained from its plan)")
     phantom.add_argument("--force", action="store_true", help="write into OUT_DIR even if it holds files")
     phantom.set_defaults(func=_make_phantom)
 
@@ -76,7 +80,8 @@ def _make_phantom(args: argparse.Namespace) -> int:
 
     root = make_phantom_task(
         args.out_dir, kind=args.kind, num_cases=args.cases, num_test=args.test_cases, size=tuple(args.size),
-        seed=args.seed, channels=args.channels, overwrite=args.force,
+        seed=args.seed, channels=args.channels, overwrite=args.force, label_values=args.label_values,
+        name=args.name,
     )
     print(f"wrote {args.kind.upper()} phantom task {root} ({args.cases} training, {args.test_cases} test case(s))")
     return 0

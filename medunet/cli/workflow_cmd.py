@@ -50,6 +50,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--datalist", type=Path, help="k-fold datalist JSON (default: the workflow's)")
     parser.add_argument("--run-dir", type=Path, help="run folder (default: the workflow's run_dir)")
     parser.add_argument("--epochs", type=positive_int, help="max_epochs")
+    parser.add_argument("--plan", type=Path, help="plan.json to train with (from 'medunet plan'), instead of the "
+                        "shipped preset of an MSD task; a task without one uses TASK_DIR/plan.json, planned if absent")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any top-level workflow key, VALUE as plain JSON (no '$' expressions or "
                         "'@' references); repeatable (e.g. --set learning_rate=3e-4 --set epoch_length=50 "
@@ -67,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     workflow = args.workflow or workflow_for_task(args.task_dir)
     overrides = build_overrides(network=args.network, fold=args.fold, data_root=args.data_root or args.task_dir,
                                 datalist=args.datalist, run_dir=args.run_dir, epochs=args.epochs,
-                                settings={**tracking_settings(args), **parse_settings(args.set)})
+                                settings={**tracking_settings(args), **parse_settings(args.set),
+                                          **({"plan": str(args.plan)} if args.plan else {})})
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("medunet").setLevel(logging.INFO)  # epoch metrics; ignite's per-epoch chatter stays off
     results = run_workflow(workflow, overrides)

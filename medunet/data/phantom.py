@@ -16,6 +16,7 @@ contrast. Everything is deterministic given ``seed``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +26,7 @@ from scipy.ndimage import gaussian_filter
 from medunet.errors import MedunetError
 
 PHANTOM_LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+STRUCTURES = ("background", "organ", "lesion", "cyst")
 MRI_CHANNEL_NAMES = ("T1", "T2", "FLAIR", "T1c")
 
 
@@ -46,8 +48,8 @@ def _smooth_field(rng: np.random.Generator, size: tuple[int, int, int]) -> np.nd
     return field / (field.std() + 1e-8)
 
 
-def _geometry(rng: np.random.Generator, size: tuple[int, int, int], spacing: np.ndarray):
-    """Body mask and label map (0 background, 1 organ, 2 lesion), shapes in millimetres."""
+def _geometry(rng: np.random.Generator, size: tuple[int, int, int], spacing: np.ndarray, cyst: bool = False):
+    """Body mask and label map (0 background, 1 organ, 2 lesion, and 3 cyst when asked), shapes in millimetres."""
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in size], indexing="ij")
     extent = np.asarray(size) * spacing
     points = [(grid - (n - 1) / 2.0) * s for grid, n, s in zip(grids, size, spacing, strict=True)]  # mm from the centre
@@ -63,6 +65,10 @@ def _geometry(rng: np.random.Generator, size: tuple[int, int, int], spacing: np.
     label = np.zeros(size, dtype=np.uint8)
     label[organ & body] = 1
     label[lesion & body] = 2
+    if cyst:  # across the organ from the lesion (drawn last, so phantoms without it stay as they were)
+        centre = organ_centre - rng.uniform(0.3, 0.45, size=3) * organ_radii
+        sphere = sum((p - c) ** 2 for p, c in zip(points, centre, strict=True)) <= (0.8 * lesion_radius) ** 2
+        label[sphere & organ & body & ~lesion] = 3
     return body, label
 
 
@@ -71,6 +77,7 @@ def _ct_channel(rng: np.random.Generator, body: np.ndarray, label: np.ndarray, c
     hu = np.where(body, 20.0 + 15.0 * _smooth_field(rng, body.shape), -1000.0)
     hu[label == 1] = 80.0 + enhancement
     hu[label == 2] = 35.0 + 0.3 * enhancement
+    hu[label == 3] = 5.0  # fluid: water-like, not enhancing
     hu += rng.normal(0.0, 12.0, size=body.shape)
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
@@ -81,13 +88,15 @@ def _mri_channel(rng: np.random.Generator, body: np.ndarray, label: np.ndarray, 
     signal = np.full(body.shape, background)
     signal[label == 1] = organ
     signal[label == 2] = lesion
+    signal[label == 3] = 1.2 * background + 0.2
     signal = signal * np.exp(0.15 * _smooth_field(rng, body.shape)) + rng.normal(0.0, 0.03, size=body.shape)
     scale = 10.0 ** rng.uniform(1.0, 4.0)  # MRI has no absolute scale: normalisation must cope
     return np.where(body, np.clip(signal, 0.01, None) * scale, 0.0).astype(np.float32)
 
 
 def make_case(
-    kind: str = "ct", size: tuple[int, int, int] = (48, 48, 32), seed: int = 0, channels: int = 1
+    kind: str = "ct", size: tuple[int, int, int] = (48, 48, 32), seed: int = 0, channels: int = 1,
+    cyst: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic case: image (x, y, z[, channel]), uint8 label (x, y, z) and their shared 4x4 affine.
 
@@ -96,6 +105,7 @@ def make_case(
         size: voxels per axis (x, y, z).
         seed: seed; the same seed gives the same case.
         channels: image channels; more than one gives a 4D image.
+        cyst: add a third structure (class 3, a fluid-filled cyst in the organ).
     """
     if kind not in ("ct", "mri"):
         raise MedunetError(f"phantom kind must be 'ct' or 'mri', got {kind!r}. Fix: pass --kind ct or --kind mri.")
@@ -108,7 +118,7 @@ def make_case(
         [1.0, 1.0, 1.2]
     )
     affine = _affine(rng, spacing)
-    body, label = _geometry(rng, tuple(size), spacing)
+    body, label = _geometry(rng, tuple(size), spacing, cyst=cyst)
     make_channel = _ct_channel if kind == "ct" else _mri_channel
     image = np.stack([make_channel(rng, body, label, c) for c in range(channels)], axis=-1)
     return (image[..., 0] if channels == 1 else image), label, affine
@@ -123,6 +133,8 @@ def make_phantom_task(
     seed: int = 0,
     channels: int = 1,
     overwrite: bool = False,
+    label_values: Sequence[int] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Write an MSD-format task (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs``) and return its folder.
 
@@ -136,6 +148,10 @@ def make_phantom_task(
         channels: image channels (4D images when more than one).
         overwrite: write into ``out_dir`` even when it already holds files (refused otherwise, so a real
             task's ``dataset.json`` is never replaced by accident).
+        label_values: the values written for background, organ, lesion (and, with a fourth, a cyst), e.g.
+            ``(0, 1, 2, 4)`` for labels with a gap; default ``(0, 1, 2)``.
+        name: ``dataset.json`` name; default ``PhantomCT``/``PhantomMRI`` (the shipped phantom presets). Another
+            name makes a task no preset knows, trained from its plan.
 
     Example::
 
@@ -149,11 +165,16 @@ def make_phantom_task(
             f"{root} already exists and is not empty ({'holds a dataset.json' if (root / 'dataset.json').exists() else 'holds files'}); "
             "a phantom would overwrite it. Fix: pick a new folder, or pass --force (overwrite=True) to write there anyway."
         )
+    values = list(label_values) if label_values is not None else [0, 1, 2]
+    if len(values) not in (3, 4) or values[0] != 0 or len(set(values)) != len(values) or min(values) < 0 or max(values) > 255:
+        raise MedunetError(f"label values {values} must be 3 or 4 distinct values in 0..255 starting with 0 "
+                           "(background, organ, lesion[, cyst]). Fix: e.g. --label-values 0 1 2 4.")
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     training, test = [], []
     for index in range(num_cases + num_test):
-        image, label, affine = make_case(kind, tuple(size), seed * 1000 + index, channels)
+        image, label, affine = make_case(kind, tuple(size), seed * 1000 + index, channels, cyst=len(values) == 4)
+        label = np.asarray(values, dtype=np.uint8)[label]
         name = f"phantom_{index:03d}.nii.gz"
         if index < num_cases:
             nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
@@ -167,14 +188,15 @@ def make_phantom_task(
     else:
         modality = {str(c): MRI_CHANNEL_NAMES[c] if c < len(MRI_CHANNEL_NAMES) else f"MR{c}" for c in range(channels)}
     dataset = {
-        "name": "PhantomCT" if kind == "ct" else "PhantomMRI",
-        "description": f"Synthetic {kind.upper()} phantom: ellipsoid organ (1) with a lesion (2); seed {seed}.",
+        "name": name or ("PhantomCT" if kind == "ct" else "PhantomMRI"),
+        "description": f"Synthetic {kind.upper()} phantom: ellipsoid organ ({values[1]}) with a lesion ({values[2]})"
+                       + (f" and a cyst ({values[3]})" if len(values) == 4 else "") + f"; seed {seed}.",
         "reference": "medunet make-phantom",
         "licence": "CC0-1.0",
         "release": "1.0",
         "tensorImageSize": "4D" if channels > 1 else "3D",
         "modality": modality,
-        "labels": PHANTOM_LABELS,
+        "labels": {str(value): label_name for value, label_name in zip(values, STRUCTURES, strict=False)},
         "numTraining": num_cases,
         "numTest": num_test,
         "training": training,

@@ -135,3 +135,41 @@ def read_plan(path: str | Path) -> TaskPreset:
         raise MedunetError(f"plan {path} is format {plan.get('format_version')!r}; this medunet reads "
                            f"{FORMAT_VERSION}. Fix: run 'medunet plan' again.")
     return TaskPreset.from_dict(plan["preset"], str(path))
+
+
+def training_preset(task_dir: str | Path, plan: str | Path | None = None) -> TaskPreset:
+    """The preset a training of ``task_dir`` uses (what the workflows' ``preset`` key calls).
+
+    ``plan`` when given; else the shipped preset of an MSD task or phantom whose channels and labels match; else
+    ``TASK_DIR/plan.json``; else a plan made now from the task's fingerprint (and saved there when the folder is
+    writable), which is said on the console.
+
+    Args:
+        task_dir: the MSD-layout task folder.
+        plan: a ``plan.json`` to use instead of any shipped preset.
+    """
+    from medunet.data.fingerprint import FINGERPRINT_FILE, compute_fingerprint
+    from medunet.data.msd import load_task
+    from medunet.data.presets import preset_for_task
+
+    if plan is not None:
+        return read_plan(plan)
+    task = load_task(task_dir)
+    try:
+        return preset_for_task(task)
+    except MedunetError as no_preset:
+        reason = str(no_preset).split(". Fix:")[0]
+    path = task.root / PLAN_FILE
+    if path.is_file():
+        print(f"{task.folder_name}: {reason}; training with its plan {path}")
+        return read_plan(path)
+    print(f"{task.folder_name}: {reason}, and it has no plan yet: planning it now (as 'medunet plan {task.root}')")
+    fingerprint = compute_fingerprint(task.root, cache=path.parent / FINGERPRINT_FILE, progress=False)
+    made = make_plan(fingerprint)
+    try:
+        write_plan(made, path)
+        print(f"wrote {path} (edit it and train again to change the preprocessing or patch size)")
+    except OSError as error:
+        print(f"could not save the plan in {path} ({error.strerror}); 'medunet plan {task.root} --out FILE' and "
+              "--plan FILE keep it")
+    return TaskPreset.from_dict(made["preset"], str(path))

@@ -61,6 +61,16 @@ class TaskPreset:
         return len(self.labels)
 
     @property
+    def label_values(self) -> list[int]:
+        """The label values in class order: class ``i`` of the network is label value ``label_values[i]``."""
+        return sorted(self.labels)
+
+    @property
+    def labels_contiguous(self) -> bool:
+        """Whether the label values are 0..N-1, so classes and values coincide (else they are mapped)."""
+        return self.label_values == list(range(len(self.labels)))
+
+    @property
     def is_ct(self) -> bool:
         """Whether the preset windows Hounsfield units."""
         return self.modality == "CT"

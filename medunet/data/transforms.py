@@ -27,6 +27,7 @@ from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
+    MapLabelValued,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -140,7 +141,17 @@ def preprocess_transforms(
         ]
     else:
         chain.append(NormalizeIntensityd(image_key, nonzero=True, channel_wise=True))
+    if keys[1:] and not preset.labels_contiguous:  # e.g. 0, 1, 2, 4 -> classes 0..3; predictions map back
+        chain.append(MapLabelValued(keys[1:], orig_labels=preset.label_values,
+                                    target_labels=list(range(len(preset.labels)))))
     return chain
+
+
+def class_to_label_transform(preset: TaskPreset, key: str = "pred") -> MapTransform | None:
+    """Map predicted classes back to the task's label values (None when they coincide)."""
+    if preset.labels_contiguous:
+        return None
+    return MapLabelValued(key, orig_labels=list(range(len(preset.labels))), target_labels=preset.label_values)
 
 
 #: ``augment`` modes of :func:`train_transforms` (the workflow key ``augment``).

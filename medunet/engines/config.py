@@ -64,13 +64,16 @@ def workflow_files(config_file: str | Path) -> list[Path]:
 
 
 def workflow_for_task(task_dir: str | Path) -> Path:
-    """The shipped workflow of a task folder: ``medunet/workflows/task04_hippocampus.json`` for Task04, and
-    ``phantom_demo.json`` for phantoms.
+    """The shipped workflow of a task folder: ``medunet/workflows/task04_hippocampus.json`` for Task04,
+    ``phantom_demo.json`` for phantoms, ``generic.json`` (preprocessing from the task's plan) for any other task.
 
     Args:
         task_dir: an MSD task folder (its preset names the workflow).
     """
-    preset = preset_for_task(load_task(task_dir))
+    try:
+        preset = preset_for_task(load_task(task_dir))
+    except MedunetError:  # no shipped preset fits: the generic workflow trains it from its plan
+        return WORKFLOWS_DIR / "generic.json"
     name = "phantom_demo" if preset.name.startswith("Phantom") else preset.name.lower()
     path = WORKFLOWS_DIR / f"{name}.json"
     if not path.is_file():

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from medunet.atomic import atomic_path, is_hidden, remove_stale_temporaries
 from medunet.data import TaskPreset, infer_transforms
+from medunet.data.transforms import class_to_label_transform
 from medunet.data.readers import IMAGE_SUFFIXES, has_suffix, simpleitk, strip_image_suffix
 from medunet.errors import MedunetError
 from medunet.run_folder import PREDICTIONS_DIR, RunRecord, load_trained_network, read_run_record
@@ -265,8 +266,10 @@ def predict(
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preprocess = infer_transforms(preset)
+    to_labels = class_to_label_transform(preset)  # classes 0..N-1 back to the task's values (e.g. 0, 1, 2, 4)
     postprocess = Compose([
         AsDiscreted(keys="pred", argmax=True),
+        *([to_labels] if to_labels is not None else []),
         # Undo spacing, orientation and crop: the label map lands on the input's own voxel grid.
         Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=True, to_tensor=True),
     ])

@@ -1,0 +1,57 @@
+"""A user's own dataset, end to end with no code: a task no preset knows (two CT channels, labels 0, 1, 2, 4,
+thick slices) goes make-phantom -> check-data -> make-datalist -> plan -> train -> infer -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medunet.cli import main
+from medunet.data import load_task, preset_for_task
+from medunet.errors import MedunetError
+from medunet.run_folder import read_run_record
+
+pytestmark = pytest.mark.slow  # a short real training
+
+
+def test_a_task_no_preset_knows_trains_from_its_plan(tmp_path: Path, capsys) -> None:
+    task = tmp_path / "MyTask_Organs"
+    assert main(["make-phantom", str(task), "--kind", "ct", "--channels", "2", "--label-values", "0", "1", "2", "4",
+                 "--name", "Organs", "--cases", "6", "--test-cases", "0", "--size", "40", "40", "16"]) == 0
+    with pytest.raises(MedunetError, match="no preset for task"):
+        preset_for_task(load_task(task))
+    assert main(["check-data", str(task)]) == 0
+    assert main(["make-datalist", str(task), "--folds", "3"]) == 0
+    assert main(["plan", str(task), "--patch-voxels", str(32 * 32 * 16)]) == 0
+    plan = json.loads((task / "plan.json").read_text(encoding="utf-8"))
+    assert "axis z is more than 3x coarser" in plan["sources"]["target_spacing"]  # 2.5 mm slices, 0.8 mm pixels
+
+    run = tmp_path / "run"
+    assert main(["train", str(task), "--network", "lunet_small_4f", "--epochs", "4", "--run-dir", str(run),
+                 "--set", "epoch_length=8", "--set", "batch_size=1", "--set", "num_samples=2", "--set", "learning_rate=0.003",
+                 "--set", "progress=false", "--set", "profile_memory=false", "--no-tracking"]) == 0
+    record = read_run_record(run)
+    assert record.preset.in_channels == 2 and record.preset.label_values == [0, 1, 2, 4]
+    assert record.preset.patch_size == tuple(plan["preset"]["patch_size"])
+    assert record.network.args["in_channels"] == 2 and record.network.args["out_channels"] == 4
+    workflow = json.loads((run / "workflow.json").read_text(encoding="utf-8"))
+    assert "without a shipped preset" in workflow["_description_"]  # the generic workflow, picked from the task
+
+    predictions = tmp_path / "predictions"
+    assert main(["infer", "--run-dir", str(run), "--input", str(task / "imagesTr"), "--output", str(predictions),
+                 "--no-tracking"]) == 0
+    for image in sorted((task / "imagesTr").glob("*.nii.gz")):
+        predicted = nib.load(predictions / image.name)
+        assert predicted.shape == nib.load(image).shape[:3]
+        assert set(np.unique(np.asarray(predicted.dataobj)).tolist()) <= {0, 1, 2, 4}  # the task's own values
+
+    assert main(["evaluate", "--pred", str(predictions), "--ref", str(task / "labelsTr"), "--out",
+                 str(tmp_path / "evaluation"), "--no-report", "--no-tracking"]) == 0
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["mean"]) == {"1", "2", "4"}
+    assert summary["mean"]["1"]["Dice"] > 0.3  # the organ is learnt even in four short epochs
+    capsys.readouterr()
