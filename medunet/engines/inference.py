@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from medunet.atomic import atomic_path, is_hidden, remove_stale_temporaries
 from medunet.data import TaskPreset, infer_transforms
-from medunet.data.transforms import class_to_label_transform
 from medunet.data.readers import IMAGE_SUFFIXES, has_suffix, simpleitk, strip_image_suffix
+from medunet.data.transforms import class_to_label_transform
 from medunet.errors import MedunetError
 from medunet.run_folder import PREDICTIONS_DIR, RunRecord, load_trained_network, read_run_record
 
