@@ -41,6 +41,15 @@ def test_a_task_no_preset_knows_trains_from_its_plan(tmp_path: Path, capsys) -> 
     workflow = json.loads((run / "workflow.json").read_text(encoding="utf-8"))
     assert "without a shipped preset" in workflow["_description_"]  # the generic workflow, picked from the task
 
+    bundle = tmp_path / "bundle"  # the bundle's configs follow the plan and map classes to the task's values
+    assert main(["export-bundle", str(run), str(bundle), "--no-memory"]) == 0
+    inference = json.loads((bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
+    steps = [step["_target_"] for step in inference["postprocessing"]["transforms"]]
+    assert steps[steps.index("AsDiscreted") + 1] == "MapLabelValued"
+    mapping = inference["postprocessing"]["transforms"][steps.index("MapLabelValued")]
+    assert (mapping["orig_labels"], mapping["target_labels"]) == ([0, 1, 2, 3], [0, 1, 2, 4])
+    assert inference["roi_size"] == plan["preset"]["patch_size"]
+
     predictions = tmp_path / "predictions"
     assert main(["infer", "--run-dir", str(run), "--input", str(task / "imagesTr"), "--output", str(predictions),
                  "--no-tracking"]) == 0

@@ -51,8 +51,17 @@ def preprocessing_config(preset: TaskPreset, keys: Sequence[str]) -> list[dict[s
         ]
     else:
         chain.append({"_target_": "NormalizeIntensityd", "keys": image, "nonzero": True, "channel_wise": True})
+    if keys[1:] and not preset.labels_contiguous:
+        chain.append(label_values_config(preset, keys[1:], to_classes=True))
     chain.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": True})
     return chain
+
+
+def label_values_config(preset: TaskPreset, key: str, to_classes: bool = False) -> dict[str, Any]:
+    """``MapLabelValued`` between classes 0..N-1 and the task's label values (e.g. 0, 1, 2, 4)."""
+    classes, values = list(range(len(preset.labels))), preset.label_values
+    source, target = (values, classes) if to_classes else (classes, values)
+    return {"_target_": "MapLabelValued", "keys": key, "orig_labels": source, "target_labels": target}
 
 
 def network_def_config(run: TrainedRun) -> dict[str, Any]:
@@ -97,6 +106,10 @@ def bundle_configs(run: TrainedRun, dataset_dir: str = "/workspace/data") -> dic
         _fill(inference, key, value)
     _fill(inference, "preprocessing#transforms", preprocessing_config(run.preset, ["image"]))
     inference.update(dataset_dir=dataset_dir, sw_batch_size=run.sw_batch_size, sw_overlap=run.sw_overlap)
+    if not run.preset.labels_contiguous:  # classes 0..N-1 back to the task's label values, before saving
+        steps = inference["postprocessing"]["transforms"]
+        at = next(i for i, step in enumerate(steps) if step["_target_"] == "AsDiscreted") + 1
+        steps.insert(at, label_values_config(run.preset, "pred"))
 
     train = load_template("train")
     for key, value in shared.items():
