@@ -343,7 +343,7 @@ class RunRecord:
         }
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "config.json") -> RunRecord:
+    def from_dict(cls, raw: Any, source: str = CONFIG_FILE) -> RunRecord:
         """Validate and load a record (format 1 or 2); see the module docstring for what is refused.
 
         A hand-written record may name only ``task`` and ``network``: the registered preset of the task fills

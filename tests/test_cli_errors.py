@@ -16,6 +16,7 @@ import torch
 from medunet.cli import main
 from medunet.data import make_phantom_task, write_datalist
 from medunet.paths import REPO_ROOT
+from medunet.run_folder import CONFIG_FILE
 
 DEMO_WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 
@@ -102,7 +103,7 @@ def test_bad_workflow_setting_fails_before_training(
     run_dir = tmp_path / "run"
     assert main(train_args(tiny_task, run_dir, setting)) == 2
     one_error_line(capsys, key)
-    assert not (run_dir / "config.json").exists() and not (run_dir / "metrics.csv").exists()  # nothing trained
+    assert not (run_dir / CONFIG_FILE).exists() and not (run_dir / "metrics.csv").exists()  # nothing trained
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
