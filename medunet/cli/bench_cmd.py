@@ -66,6 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="change a recipe key for every network, VALUE as JSON (e.g. --set patch_size=[32,32,32])")
+    deploy = parser.add_argument_group(
+        "deploy", "whole-volume CPU inference instead (medunet.bench.deploy): a 512x512x200 CT volume and the real "
+        "spleen case, MONAI UNet under torch against lunet_small_16f_unshuffle under torch, ONNX fp32 and int8, "
+        "wall time and peak memory per case in fresh processes; with --deploy-run also the Hippocampus validation "
+        "cases of that run (time, Dice of fp32 and int8)")
+    deploy.add_argument("--deploy", action="store_true", help="run the deployment benchmark into OUT/deploy.md")
+    deploy.add_argument("--deploy-run", type=Path, help="a trained Task04 run folder for the Hippocampus part")
+    deploy.add_argument("--deploy-threads", type=positive_int, nargs="+", default=[1, 2],
+                        help="thread counts to measure (default 1 2)")
     add_tracking_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -81,6 +90,11 @@ def _volume(text: str | None, quick: bool) -> tuple[int, int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deploy:
+        from medunet.bench.deploy import run_deploy_bench
+
+        print(f"wrote {run_deploy_bench(args.out, args.deploy_run, args.deploy_threads)}")
+        return 0
     from medunet.bench.efficiency import (
         BENCH_NETWORKS,
         FULL_SHAPES,

@@ -119,6 +119,8 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     transform = _orientation(affine)
     shape = array.shape[1:]
+    if (transform == [[0, 1], [1, 1], [2, 1]]).all():
+        return array, affine  # already RAS: no copy
     oriented = np.stack([orientations.apply_orientation(channel, transform) for channel in array])
     return np.ascontiguousarray(oriented), affine @ orientations.inv_ornt_aff(transform, shape)
 
@@ -160,20 +162,27 @@ def _check_axis_aligned(affine: np.ndarray, where: str) -> None:
 
 
 def resample_linear(array: np.ndarray, mapping: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
-    """Separable (bi/tri)linear resampling of ``(C, X, Y, Z)``; coordinates outside clamp to the border."""
+    """Separable (bi/tri)linear resampling of ``(C, X, Y, Z)``; coordinates outside clamp to the border.
+
+    The axes are resampled one after the other, the most shrinking first, so the intermediate arrays stay small.
+    """
     result = array
-    for axis in range(3):
+    order = sorted(range(3), key=lambda axis: out_shape[axis] / array.shape[axis + 1])
+    for axis in order:
         size = result.shape[axis + 1]
         scale, offset = mapping[axis]
         coords = np.clip(scale * np.arange(out_shape[axis], dtype=np.float64) + offset, 0.0, size - 1.0)
         low = np.floor(coords).astype(np.int64)
         high = np.minimum(low + 1, size - 1)
-        weight = (coords - low).astype(np.float32)
         shape = [1] * result.ndim
         shape[axis + 1] = -1
-        weight = weight.reshape(shape)
-        result = (np.take(result, low, axis=axis + 1) * (1.0 - weight)
-                  + np.take(result, high, axis=axis + 1) * weight).astype(np.float32)
+        weight = (coords - low).astype(np.float32).reshape(shape)
+        upper = np.take(result, high, axis=axis + 1)
+        upper -= (lower := np.take(result, low, axis=axis + 1))
+        upper *= weight
+        lower += upper
+        del upper
+        result = lower
     return result
 
 
@@ -204,7 +213,9 @@ def normalise(array: np.ndarray, plan: dict[str, Any]) -> np.ndarray:
     intensity = plan["intensity"]
     if intensity["kind"] == "ct_window":
         low, high = intensity["window"]
-        return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        out = array - np.float32(low)
+        out *= np.float32(1.0 / (high - low))
+        return np.clip(out, 0.0, 1.0, out=out)
     out = array.copy()
     for channel in range(array.shape[0]):
         values = array[channel]
@@ -385,9 +396,8 @@ def segment(
         raise DeployError(f"{model} does not exist. Fix: export it again with 'medunet export-deploy'"
                           + (" (without --no-int8), or drop --int8." if int8 else "."))
     window = plan["sliding_window"]
-    array, affine = read_image(image)
-    volume, state = preprocess(array, affine, plan, where=str(image))
-    del array
+    volume, state = preprocess(*read_image(image), plan, where=str(image))  # no reference to the raw image kept
+    affine = state["affine"]
 
     def report(done: int, total: int) -> None:
         if not quiet and (done == total or done % max(total // 10, 1) == 0):

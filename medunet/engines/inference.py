@@ -334,9 +334,8 @@ def _predict_within_budget(network: ProbabilityAverage, preset: TaskPreset, imag
     working = memory.window_working_bytes(probabilities, (preset.in_channels, *roi))
     chosen = memory.plan_memory(budget, memory.resident_bytes(), source, grid, preset.in_channels,
                                 preset.out_channels, roi, max_batch, working, case=image)
-    array, affine = runner.read_image(image)
-    volume, state = runner.preprocess(array, affine, plan, where=image)
-    del array
+    volume, state = runner.preprocess(*runner.read_image(image), plan, where=image)  # the raw image is freed early
+    affine = state["affine"]
     labels = runner.sliding_window_labels(volume, probabilities, roi, preset.out_channels, overlap=overlap,
                                           batch_size=chosen.sw_batch_size, accumulate_dtype=chosen.accumulate_dtype,
                                           outputs="probabilities")
