@@ -225,3 +225,19 @@ def test_memory_budget_keeps_the_measured_peak_under_three_budgets(tmp_path: Pat
         assert result["peak"] <= budget, (result["peak"] / 2**20, budget / 2**20)
         written = tmp_path / f"budget{budget}" / image.name
         assert (labels_of(written) == labels_of(plain)).mean() >= 0.999
+
+
+def test_onnx_engine_matches_torch_on_real_hippocampus_cases(
+    hippocampus_dir: Path, trained_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The phantom-trained network (MRI, 1 channel, 3 labels) under the Task04 preset: varied labels on real cases.
+    run_dir = shutil.copytree(trained_run[0], tmp_path / "run", ignore=shutil.ignore_patterns("deploy", "predictions"))
+    record = read_run_record(run_dir)
+    write_run_record(dataclasses.replace(record, preset=get_preset("Task04_Hippocampus")), run_dir)
+    images = sorted((hippocampus_dir / "imagesTr").iterdir())[:3]
+    torch_files = predict_run(run_dir, images, tmp_path / "torch", progress=False)
+    onnx_files = predict_runs([run_dir], images, tmp_path / "onnx", engine="onnx", progress=False)
+    for a, b in zip(torch_files, onnx_files):
+        assert labels_of(a).shape == nib.load(hippocampus_dir / "imagesTr" / a.name).shape
+        assert len(np.unique(labels_of(a))) > 1  # not a constant map, which any engine would match
+        assert (labels_of(a) == labels_of(b)).mean() >= 0.999

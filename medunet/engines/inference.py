@@ -429,6 +429,7 @@ def predict_runs(
     _same_task(records)
     first = records[0][1]
     kwargs.setdefault("sw_batch_size", first.sliding_window["sw_batch_size"])
+    kwargs.setdefault("roi_size", first.sliding_window["roi_size"])  # the window the run validated (and exported) at
     output_dir = Path(output_dir) if output_dir is not None else run_dirs[0] / PREDICTIONS_DIR
     return predict(networks, first.preset, inputs, output_dir, **kwargs)
 
