@@ -221,7 +221,7 @@ def hippocampus(args: argparse.Namespace) -> dict:
     from medunet.run_folder import read_run_record
 
     record = read_run_record(args.run)
-    _, val = load_fold(record.datalist, record.fold or 0, data_root=record.dataset_dir)
+    _, val = load_fold(record.datalist_path, record.fold or 0, data_root=record.dataset_path)
     images, labels = [item["image"] for item in val], [item["label"] for item in val]
     deployment = Path(args.work) / "deploy_hippocampus"
     exported = export_deploy(args.run, deployment)

@@ -128,7 +128,7 @@ def _calibration_images(record: Any, images: Sequence[str | Path] | None, limit:
         return [Path(item["image"]) for item in collect_inputs(images)][:limit]
     from medunet.data import load_fold
 
-    dataset, datalist = record.dataset_dir, record.datalist
+    dataset, datalist = record.dataset_path, record.datalist_path  # recorded relative to the repository, or absolute
     if not dataset or not datalist or not Path(dataset).is_dir() or not Path(datalist).is_file():
         raise MedunetError(
             f"the run's training cases ({dataset}, datalist {datalist}) are not found from here, and the int8 model "
