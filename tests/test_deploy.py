@@ -22,6 +22,7 @@ from medunet.data import get_preset, infer_transforms, make_phantom_task
 from medunet.deploy import deploy_plan, export_deploy, runner
 from medunet.engines.inference import predict, predict_run
 from medunet.errors import MedunetError
+from medunet.run_folder import CONFIG_FILE
 from tests.deploy_helpers import train_tiny_run
 
 # Runs a script with torch, MONAI and medunet made unimportable: the runner must not need them.
@@ -150,9 +151,9 @@ def test_int8_model_is_quantized_and_agrees_with_fp32_on_its_calibration_windows
 def test_export_without_calibration_data_names_the_fix(trained_run, tmp_path: Path) -> None:
     run_dir, _ = trained_run
     moved = shutil.copytree(run_dir, tmp_path / "run")
-    config = json.loads((moved / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((moved / CONFIG_FILE).read_text(encoding="utf-8"))
     config["dataset_dir"] = str(tmp_path / "gone")
-    (moved / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (moved / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(MedunetError, match="calibration-images"):
         export_deploy(moved, tmp_path / "deploy")
     assert main(["export-deploy", str(moved), str(tmp_path / "deploy"), "--no-int8"]) == 0

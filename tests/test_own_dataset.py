@@ -4,6 +4,8 @@ thick slices) goes make-phantom -> check-data -> make-datalist -> plan -> train 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -57,6 +59,15 @@ def test_a_task_no_preset_knows_trains_from_its_plan(tmp_path: Path, capsys) -> 
         predicted = nib.load(predictions / image.name)
         assert predicted.shape == nib.load(image).shape[:3]
         assert set(np.unique(np.asarray(predicted.dataobj)).tolist()) <= {0, 1, 2, 4}  # the task's own values
+
+    deploy = tmp_path / "deploy"  # the torch-free runner writes the task's values too, as torch inference does
+    assert main(["export-deploy", str(run), str(deploy), "--no-int8"]) == 0
+    case = sorted((task / "imagesTr").glob("*.nii.gz"))[0]
+    subprocess.run([sys.executable, str(deploy / "run.py"), "--input", str(case), "--output", str(tmp_path / "d.nii.gz")],
+                   check=True, capture_output=True, timeout=300)
+    by_runner = np.asarray(nib.load(tmp_path / "d.nii.gz").dataobj)
+    by_torch = np.asarray(nib.load(predictions / case.name).dataobj)
+    assert set(np.unique(by_runner).tolist()) <= {0, 1, 2, 4} and (by_runner == by_torch).mean() > 0.99
 
     assert main(["evaluate", "--pred", str(predictions), "--ref", str(task / "labelsTr"), "--out",
                  str(tmp_path / "evaluation"), "--no-report", "--no-tracking"]) == 0

@@ -238,7 +238,9 @@ def preprocess(array: np.ndarray, affine: np.ndarray, plan: dict[str, Any], wher
     if bad.any():
         print(f"warning: {where}: {int(bad.sum())} NaN/infinite voxels set to background", file=sys.stderr)
         array = np.where(bad, np.float32(plan["non_finite_fill"]), array)
-    state: dict[str, Any] = {"affine": affine, "shape": array.shape[1:]}
+    # Class i of the network is the i-th smallest label value (labels with gaps, e.g. 0, 1, 2, 4, are trained as 0..3).
+    state: dict[str, Any] = {"affine": affine, "shape": array.shape[1:],
+                             "label_values": sorted(int(value) for value in plan["labels"])}
     array, ras_affine = to_ras(array, affine)
     state["ras_shape"] = array.shape[1:]
     if plan.get("target_spacing") is not None:
@@ -256,7 +258,11 @@ def preprocess(array: np.ndarray, affine: np.ndarray, plan: dict[str, Any], wher
 
 
 def postprocess(labels: np.ndarray, state: dict[str, Any]) -> np.ndarray:
-    """Put a label map of the network's grid back on the input's grid (uncrop, resample, reorient)."""
+    """Put a label map of the network's grid back on the input's grid (classes to label values, uncrop, resample,
+    reorient)."""
+    values = state.get("label_values")
+    if values is not None and values != list(range(len(values))):
+        labels = np.asarray(values, dtype=np.uint8)[labels]
     if state["box"] is not None:
         full = np.zeros(state["spacing_shape"], dtype=labels.dtype)
         full[state["box"]] = labels
