@@ -10,34 +10,12 @@ from monai.networks.utils import convert_to_torchscript
 from medunet.errors import MedunetError
 from medunet.networks import LUNet, OneNet, create_network, get_preset, list_networks
 
-# Shrink each preset's widths so every code path runs in seconds on 2 CPU cores; depth, block
-# counts, variants and skip strategies stay the preset's own.
-TINY = {
-    "lunet": {"features": 2},
-    "onenet": {"features": 2},
-    "nafnet": {"width": 4},
-    "unet--": {},
-    "baseline": {},
-}
-TINY_BASELINES = {
-    "monai_unet_spleen": {"channels": (2, 4, 4, 8, 8)},
-    "monai_checkpoint_unet_spleen": {"channels": (2, 4, 4, 8, 8)},
-    "monai_basicunet": {"features": (2, 2, 4, 4, 8, 2)},
-    "monai_segresnet": {},
-    "monai_dynunet_nnunet": {"filters": [2, 4, 4, 8, 8, 8]},
-}
-
-
-def tiny_overrides(name: str) -> dict:
-    preset = get_preset(name)
-    if preset.family == "unet--":
-        return {"width": 4} if preset.defaults["backbone"] == "nafnet" else {"features": 2}
-    return {**TINY[preset.family], **TINY_BASELINES.get(name, {})}
-
 
 def build_tiny(name: str, spatial_dims: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_network(name, spatial_dims=spatial_dims, in_channels=2, out_channels=3, **tiny_overrides(name))
+    # Each preset registers its own test size (widths shrunk, depth and blocks its own).
+    overrides = get_preset(name).test_overrides
+    return create_network(name, spatial_dims=spatial_dims, in_channels=2, out_channels=3, **overrides)
 
 
 ALL = list_networks()
@@ -79,7 +57,7 @@ def test_bundle_config_instantiates_by_dotted_path(name: str) -> None:
     target = f"{preset.factory.__module__}.{preset.factory.__qualname__}"
     if preset.factory.__module__.startswith("medunet.networks.") and isinstance(preset.factory, type):
         target = f"medunet.networks.{preset.factory.__name__}"  # the public path users write
-    kwargs = {**preset.defaults, **tiny_overrides(name), "spatial_dims": 3, "in_channels": 2, "out_channels": 3}
+    kwargs = {**preset.defaults, **preset.test_overrides, "spatial_dims": 3, "in_channels": 2, "out_channels": 3}
     config = {"network_def": {"_target_": target, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}}
     net = ConfigParser(config).get_parsed_content("network_def")
     reference = build_tiny(name, 3)

@@ -81,7 +81,7 @@ def test_pixel_shuffle_inverts_pixel_unshuffle(spatial_dims: int) -> None:
     assert torch.equal(pixel_shuffle(down, spatial_dims, 2), x)
 
 
-@pytest.mark.parametrize("name", [n for n in list_networks("lunet") if n.startswith("lunet_small")])
+@pytest.mark.parametrize("name", list_networks("lunet_small_*"))
 def test_lean_unet_small_has_30x_fewer_parameters_than_its_doubling_twin(name: str) -> None:
     lean = create_network(name)
     doubling = create_network(name.replace("lunet_", "unet_"))

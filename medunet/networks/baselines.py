@@ -88,13 +88,23 @@ def monai_dynunet_nnunet(spatial_dims: int = 3, in_channels: int = 1, out_channe
     return PadToDivisible(net, 32, min_size=64)
 
 
-register_preset("monai_unet_spleen", monai_unet_spleen, "baseline", monai_unet_spleen.__doc__, baseline=True)
+# Test sizes: the MONAI defaults with every channel count shrunk; SegResNet's 8 initial filters are small already.
+register_preset(
+    "monai_unet_spleen", monai_unet_spleen, "baseline", monai_unet_spleen.__doc__,
+    baseline=True, test_overrides={"channels": (2, 4, 4, 8, 8)},
+)
 register_preset(
     "monai_checkpoint_unet_spleen", monai_unet_spleen, "baseline",
     "MONAI CheckpointUNet (activation checkpointing) in the spleen-bundle configuration: the memory baseline. "
     "Not scriptable: it uses torch.utils.checkpoint.",
-    baseline=True, scriptable=False, checkpoint=True,
+    baseline=True, scriptable=False, test_overrides={"channels": (2, 4, 4, 8, 8)}, checkpoint=True,
 )
-register_preset("monai_basicunet", monai_basicunet, "baseline", monai_basicunet.__doc__, baseline=True)
+register_preset(
+    "monai_basicunet", monai_basicunet, "baseline", monai_basicunet.__doc__,
+    baseline=True, test_overrides={"features": (2, 2, 4, 4, 8, 2)},
+)
 register_preset("monai_segresnet", monai_segresnet, "baseline", monai_segresnet.__doc__, baseline=True)
-register_preset("monai_dynunet_nnunet", monai_dynunet_nnunet, "baseline", monai_dynunet_nnunet.__doc__, baseline=True)
+register_preset(
+    "monai_dynunet_nnunet", monai_dynunet_nnunet, "baseline", monai_dynunet_nnunet.__doc__,
+    baseline=True, test_overrides={"filters": [2, 4, 4, 8, 8, 8]},
+)

@@ -164,26 +164,101 @@ class LUNet(UNetSkeleton):
 
 
 register_class(LUNet)
-# The authors' presets: small = 5 levels x 2 convs, large = 4 levels x 3 convs; N f = first-level width.
-for _size, _levels, _convs, _widths in (("small", 5, 2, (1, 2, 3, 4, 8, 16)), ("large", 4, 3, (6, 12, 24))):
-    for _features in _widths:
-        register_preset(
-            f"lunet_{_size}_{_features}f", LUNet, "lunet",
-            f"Lean UNet, {_levels} levels x {_convs} convs, constant width {_features}",
-            twin=f"unet_{_size}_{_features}f",
-            features=_features, levels=_levels, convs_per_block=_convs, flat=True,
-        )
-        register_preset(
-            f"unet_{_size}_{_features}f", LUNet, "lunet",
-            f"Doubling twin of lunet_{_size}_{_features}f: widths {_features}..{_features * 2 ** (_levels - 1)}",
-            features=_features, levels=_levels, convs_per_block=_convs, flat=False,
-        )
+#: Test size: every width 2; levels and convs per block stay the preset's own.
+_TEST_SIZE = {"features": 2}
+# The authors' presets, each Lean UNet (constant width) next to its doubling twin; Nf = first-level
+# width. Small: 5 levels x 2 convs.
+register_preset(
+    "lunet_small_1f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 1",
+    features=1, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_1f", LUNet, "lunet", "Doubling twin of lunet_small_1f: widths 1..16",
+    features=1, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_2f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 2",
+    features=2, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_2f", LUNet, "lunet", "Doubling twin of lunet_small_2f: widths 2..32",
+    features=2, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_3f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 3",
+    features=3, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_3f", LUNet, "lunet", "Doubling twin of lunet_small_3f: widths 3..48",
+    features=3, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_4f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 4",
+    features=4, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_4f", LUNet, "lunet", "Doubling twin of lunet_small_4f: widths 4..64",
+    features=4, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_8f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 8",
+    features=8, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_8f", LUNet, "lunet", "Doubling twin of lunet_small_8f: widths 8..128",
+    features=8, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_16f", LUNet, "lunet", "Lean UNet, 5 levels x 2 convs, constant width 16",
+    features=16, levels=5, convs_per_block=2, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_16f", LUNet, "lunet", "Doubling twin of lunet_small_16f: widths 16..256",
+    features=16, levels=5, convs_per_block=2, flat=False, test_overrides=_TEST_SIZE,
+)
+# Large: 4 levels x 3 convs.
+register_preset(
+    "lunet_large_6f", LUNet, "lunet", "Lean UNet, 4 levels x 3 convs, constant width 6",
+    features=6, levels=4, convs_per_block=3, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_large_6f", LUNet, "lunet", "Doubling twin of lunet_large_6f: widths 6..48",
+    features=6, levels=4, convs_per_block=3, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_large_12f", LUNet, "lunet", "Lean UNet, 4 levels x 3 convs, constant width 12",
+    features=12, levels=4, convs_per_block=3, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_large_12f", LUNet, "lunet", "Doubling twin of lunet_large_12f: widths 12..96",
+    features=12, levels=4, convs_per_block=3, flat=False, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_large_24f", LUNet, "lunet", "Lean UNet, 4 levels x 3 convs, constant width 24",
+    features=24, levels=4, convs_per_block=3, flat=True, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_large_24f", LUNet, "lunet", "Doubling twin of lunet_large_24f: widths 24..192",
+    features=24, levels=4, convs_per_block=3, flat=False, test_overrides=_TEST_SIZE,
+)
 # Pixel-unshuffle stem: level 0 at half resolution, no kxk conv on the full-resolution volume (3D memory).
-for _features in (8, 16):
-    for _flat, _name in ((True, "lunet"), (False, "unet")):
-        register_preset(
-            f"{_name}_small_{_features}f_unshuffle", LUNet, "lunet",
-            f"{_name}_small_{_features}f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
-            twin=f"unet_small_{_features}f_unshuffle" if _flat else None,
-            features=_features, levels=5, convs_per_block=2, flat=_flat, stem="unshuffle",
-        )
+register_preset(
+    "lunet_small_8f_unshuffle", LUNet, "lunet",
+    "lunet_small_8f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
+    features=8, levels=5, convs_per_block=2, flat=True, stem="unshuffle", test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_8f_unshuffle", LUNet, "lunet",
+    "unet_small_8f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
+    features=8, levels=5, convs_per_block=2, flat=False, stem="unshuffle", test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "lunet_small_16f_unshuffle", LUNet, "lunet",
+    "lunet_small_16f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
+    features=16, levels=5, convs_per_block=2, flat=True, stem="unshuffle", test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "unet_small_16f_unshuffle", LUNet, "lunet",
+    "unet_small_16f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
+    features=16, levels=5, convs_per_block=2, flat=False, stem="unshuffle", test_overrides=_TEST_SIZE,
+)

@@ -138,19 +138,29 @@ class NAFNet(UNetSkeleton):
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
 
-NAFNET_CONFIGS: dict[str, dict] = {
-    # name: (description, keywords)
-    "nafnet_w32_sidd": dict(width=32, encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2)),
-    "nafnet_w32_gopro": dict(width=32, encoder_blocks=(1, 1, 1, 28), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
-    "nafnet_w16_light": dict(width=16, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
-    "nafnet_w8_light": dict(width=8, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1)),
-}
+# The paper's configurations (SIDD denoising, GoPro deblurring) and two light ones; UNet--
+# (unet_minus.py) reuses them as backbones.
+NAFNET_W32_SIDD = dict(width=32, encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2))
+NAFNET_W32_GOPRO = dict(width=32, encoder_blocks=(1, 1, 1, 28), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+NAFNET_W16_LIGHT = dict(width=16, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+NAFNET_W8_LIGHT = dict(width=8, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
 
 register_class(NAFNet)
-for _name, _config in NAFNET_CONFIGS.items():
-    register_preset(
-        _name, NAFNet, "nafnet",
-        f"NAFNet width {_config['width']}, blocks {_config['encoder_blocks']}/{_config['middle_blocks']}/"
-        f"{_config['decoder_blocks']}",
-        **_config,
-    )
+#: Test size: width 4; block counts stay the preset's own.
+_TEST_SIZE = {"width": 4}
+register_preset(
+    "nafnet_w32_sidd", NAFNet, "nafnet", "NAFNet width 32, blocks (2, 2, 4, 8)/12/(2, 2, 2, 2)",
+    **NAFNET_W32_SIDD, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "nafnet_w32_gopro", NAFNet, "nafnet", "NAFNet width 32, blocks (1, 1, 1, 28)/1/(1, 1, 1, 1)",
+    **NAFNET_W32_GOPRO, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "nafnet_w16_light", NAFNet, "nafnet", "NAFNet width 16, blocks (1, 1, 1, 1)/1/(1, 1, 1, 1)",
+    **NAFNET_W16_LIGHT, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "nafnet_w8_light", NAFNet, "nafnet", "NAFNet width 8, blocks (1, 1, 1, 1)/1/(1, 1, 1, 1)",
+    **NAFNET_W8_LIGHT, test_overrides=_TEST_SIZE,
+)

@@ -163,16 +163,39 @@ class OneNet(UNetSkeleton):
 
 
 register_class(OneNet)
-for _variant in VARIANTS:
-    for _levels in (4, 5):
-        register_preset(
-            f"onenet_{_variant}{_levels}_64f", OneNet, "onenet",
-            f"OneNet_{_variant},{_levels} as in the paper's Table 2: base width 64, stem repeat 3",
-            variant=_variant, features=64, levels=_levels, stem_repeat=3,
-        )
-    for _features in (8, 16):
-        register_preset(
-            f"onenet_{_variant}4_{_features}f", OneNet, "onenet",
-            f"OneNet_{_variant},4 sized for 3D volumes: base width {_features}",
-            variant=_variant, features=_features, levels=4, stem_repeat=3,
-        )
+#: Test size: base width 2; variant, levels and stem repeat stay the preset's own.
+_TEST_SIZE = {"features": 2}
+# OneNet_e (channel-wise encoder, conventional decoder): the paper's Table 2 sizes, then sizes for 3D volumes.
+register_preset(
+    "onenet_e4_64f", OneNet, "onenet", "OneNet_e,4 as in the paper's Table 2: base width 64, stem repeat 3",
+    variant="e", features=64, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_e5_64f", OneNet, "onenet", "OneNet_e,5 as in the paper's Table 2: base width 64, stem repeat 3",
+    variant="e", features=64, levels=5, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_e4_8f", OneNet, "onenet", "OneNet_e,4 sized for 3D volumes: base width 8",
+    variant="e", features=8, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_e4_16f", OneNet, "onenet", "OneNet_e,4 sized for 3D volumes: base width 16",
+    variant="e", features=16, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+# OneNet_ed: the decoder channel-wise too.
+register_preset(
+    "onenet_ed4_64f", OneNet, "onenet", "OneNet_ed,4 as in the paper's Table 2: base width 64, stem repeat 3",
+    variant="ed", features=64, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_ed5_64f", OneNet, "onenet", "OneNet_ed,5 as in the paper's Table 2: base width 64, stem repeat 3",
+    variant="ed", features=64, levels=5, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_ed4_8f", OneNet, "onenet", "OneNet_ed,4 sized for 3D volumes: base width 8",
+    variant="ed", features=8, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)
+register_preset(
+    "onenet_ed4_16f", OneNet, "onenet", "OneNet_ed,4 sized for 3D volumes: base width 16",
+    variant="ed", features=16, levels=4, stem_repeat=3, test_overrides=_TEST_SIZE,
+)

@@ -12,7 +12,13 @@ from typing import Any
 
 from medunet.errors import MedunetError
 from medunet.networks.conv_unet import conv_unet_parts, lunet_widths
-from medunet.networks.nafnet import NAFNET_CONFIGS, nafnet_parts
+from medunet.networks.nafnet import (
+    NAFNET_W8_LIGHT,
+    NAFNET_W16_LIGHT,
+    NAFNET_W32_GOPRO,
+    NAFNET_W32_SIDD,
+    nafnet_parts,
+)
 from medunet.networks.onenet import onenet_parts
 from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skeleton import UNetParts, UNetSkeleton
@@ -103,42 +109,209 @@ class UNetMinus(UNetSkeleton):
 
 
 register_class(UNetMinus)
-for _target in ("coarsest", "intermediate", "finest"):
-    for _backbone_preset, _config in NAFNET_CONFIGS.items():
-        register_preset(
-            f"unetmm_{_backbone_preset}_{_target}", UNetMinus, "unet--",
-            f"UNet-- on {_backbone_preset}, E' at the {_target} skip level",
-            twin=_backbone_preset, backbone="nafnet", target=_target, **_config,
-        )
-    for _features in (8, 16):
-        for _flat, _name in ((False, "unet"), (True, "lunet")):
-            register_preset(
-                f"unetmm_{_name}_small_{_features}f_{_target}", UNetMinus, "unet--",
-                f"UNet-- on {_name}_small_{_features}f (5 levels x 2 convs), E' at the {_target} skip level",
-                twin=f"{_name}_small_{_features}f", backbone=_name, target=_target,
-                features=_features, levels=5, convs_per_block=2,
-            )
-            if _target != "finest":
-                register_preset(
-                    f"unetmm_{_name}_small_{_features}f_unshuffle_{_target}", UNetMinus, "unet--",
-                    f"UNet-- on {_name}_small_{_features}f_unshuffle (level 0 at half resolution), E' at the "
-                    f"{_target} skip level",
-                    twin=f"{_name}_small_{_features}f_unshuffle", backbone=_name, target=_target,
-                    features=_features, levels=5, convs_per_block=2, stem="unshuffle",
-                )
+#: Test size: the backbone's widths shrunk (NAFNet width 4, conv U-Net features 2); levels, blocks, targets stay.
+_TEST_SIZE_NAFNET = {"width": 4}
+_TEST_SIZE_CONV = {"features": 2}
+# Each backbone preset with E' at its coarsest, intermediate and finest skip level. NAFNet (the paper's host):
+register_preset(
+    "unetmm_nafnet_w32_sidd_coarsest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_sidd, E' at the coarsest skip level",
+    backbone="nafnet", target="coarsest", **NAFNET_W32_SIDD, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w32_sidd_intermediate", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_sidd, E' at the intermediate skip level",
+    backbone="nafnet", target="intermediate", **NAFNET_W32_SIDD, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w32_sidd_finest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_sidd, E' at the finest skip level",
+    backbone="nafnet", target="finest", **NAFNET_W32_SIDD, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w32_gopro_coarsest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_gopro, E' at the coarsest skip level",
+    backbone="nafnet", target="coarsest", **NAFNET_W32_GOPRO, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w32_gopro_intermediate", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_gopro, E' at the intermediate skip level",
+    backbone="nafnet", target="intermediate", **NAFNET_W32_GOPRO, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w32_gopro_finest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w32_gopro, E' at the finest skip level",
+    backbone="nafnet", target="finest", **NAFNET_W32_GOPRO, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w16_light_coarsest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w16_light, E' at the coarsest skip level",
+    backbone="nafnet", target="coarsest", **NAFNET_W16_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w16_light_intermediate", UNetMinus, "unet--",
+    "UNet-- on nafnet_w16_light, E' at the intermediate skip level",
+    backbone="nafnet", target="intermediate", **NAFNET_W16_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w16_light_finest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w16_light, E' at the finest skip level",
+    backbone="nafnet", target="finest", **NAFNET_W16_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w8_light_coarsest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w8_light, E' at the coarsest skip level",
+    backbone="nafnet", target="coarsest", **NAFNET_W8_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w8_light_intermediate", UNetMinus, "unet--",
+    "UNet-- on nafnet_w8_light, E' at the intermediate skip level",
+    backbone="nafnet", target="intermediate", **NAFNET_W8_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+register_preset(
+    "unetmm_nafnet_w8_light_finest", UNetMinus, "unet--",
+    "UNet-- on nafnet_w8_light, E' at the finest skip level",
+    backbone="nafnet", target="finest", **NAFNET_W8_LIGHT, test_overrides=_TEST_SIZE_NAFNET,
+)
+# The doubling and the lean conv U-Nets, 5 levels x 2 convs; with the unshuffle stem (level 0 at half
+# resolution), E' at the coarsest or intermediate level; the finest one is below, with its own pieces.
+register_preset(
+    "unetmm_unet_small_8f_coarsest", UNetMinus, "unet--",
+    "UNet-- on unet_small_8f (5 levels x 2 convs), E' at the coarsest skip level",
+    backbone="unet", target="coarsest", features=8, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_8f_intermediate", UNetMinus, "unet--",
+    "UNet-- on unet_small_8f (5 levels x 2 convs), E' at the intermediate skip level",
+    backbone="unet", target="intermediate", features=8, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_8f_finest", UNetMinus, "unet--",
+    "UNet-- on unet_small_8f (5 levels x 2 convs), E' at the finest skip level",
+    backbone="unet", target="finest", features=8, levels=5, convs_per_block=2, test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_8f_unshuffle_coarsest", UNetMinus, "unet--",
+    "UNet-- on unet_small_8f_unshuffle (level 0 at half resolution), E' at the coarsest skip level",
+    backbone="unet", target="coarsest", features=8, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_8f_unshuffle_intermediate", UNetMinus, "unet--",
+    "UNet-- on unet_small_8f_unshuffle (level 0 at half resolution), E' at the intermediate skip level",
+    backbone="unet", target="intermediate", features=8, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_8f_coarsest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_8f (5 levels x 2 convs), E' at the coarsest skip level",
+    backbone="lunet", target="coarsest", features=8, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_8f_intermediate", UNetMinus, "unet--",
+    "UNet-- on lunet_small_8f (5 levels x 2 convs), E' at the intermediate skip level",
+    backbone="lunet", target="intermediate", features=8, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_8f_finest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_8f (5 levels x 2 convs), E' at the finest skip level",
+    backbone="lunet", target="finest", features=8, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_8f_unshuffle_coarsest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_8f_unshuffle (level 0 at half resolution), E' at the coarsest skip level",
+    backbone="lunet", target="coarsest", features=8, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_8f_unshuffle_intermediate", UNetMinus, "unet--",
+    "UNet-- on lunet_small_8f_unshuffle (level 0 at half resolution), E' at the intermediate skip level",
+    backbone="lunet", target="intermediate", features=8, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_16f_coarsest", UNetMinus, "unet--",
+    "UNet-- on unet_small_16f (5 levels x 2 convs), E' at the coarsest skip level",
+    backbone="unet", target="coarsest", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_16f_intermediate", UNetMinus, "unet--",
+    "UNet-- on unet_small_16f (5 levels x 2 convs), E' at the intermediate skip level",
+    backbone="unet", target="intermediate", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_16f_finest", UNetMinus, "unet--",
+    "UNet-- on unet_small_16f (5 levels x 2 convs), E' at the finest skip level",
+    backbone="unet", target="finest", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_16f_unshuffle_coarsest", UNetMinus, "unet--",
+    "UNet-- on unet_small_16f_unshuffle (level 0 at half resolution), E' at the coarsest skip level",
+    backbone="unet", target="coarsest", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_unet_small_16f_unshuffle_intermediate", UNetMinus, "unet--",
+    "UNet-- on unet_small_16f_unshuffle (level 0 at half resolution), E' at the intermediate skip level",
+    backbone="unet", target="intermediate", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_coarsest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f (5 levels x 2 convs), E' at the coarsest skip level",
+    backbone="lunet", target="coarsest", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_intermediate", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f (5 levels x 2 convs), E' at the intermediate skip level",
+    backbone="lunet", target="intermediate", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_finest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f (5 levels x 2 convs), E' at the finest skip level",
+    backbone="lunet", target="finest", features=16, levels=5, convs_per_block=2,
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_unshuffle_coarsest", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f_unshuffle (level 0 at half resolution), E' at the coarsest skip level",
+    backbone="lunet", target="coarsest", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_unshuffle_intermediate", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f_unshuffle (level 0 at half resolution), E' at the intermediate skip level",
+    backbone="lunet", target="intermediate", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    test_overrides=_TEST_SIZE_CONV,
+)
 # E' at the finest level of the unshuffle stem (half resolution): each level keeps 16 channels of its own.
 register_preset(
     "unetmm_lunet_small_16f_unshuffle_finest", UNetMinus, "unet--",
     "UNet-- on lunet_small_16f_unshuffle, E' of 16 channels at the finest (half-resolution) level, pieces of 16",
-    twin="lunet_small_16f_unshuffle", backbone="lunet", target="finest", features=16, levels=5,
-    convs_per_block=2, stem="unshuffle", piece_channels=16,
+    backbone="lunet", target="finest", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    piece_channels=16, test_overrides=_TEST_SIZE_CONV,
 )
 # Wider aggregates for the lean backbone: E' sits at a coarse level, so 4x or 8x its channels costs next to
 # no memory, and larger pieces let the finest level keep 4 or 8 channels of its own (1 by default).
-for _suffix, _agg, _piece in (("wide", 64, 256), ("wider", 128, 512)):
-    register_preset(
-        f"unetmm_lunet_small_16f_unshuffle_intermediate_{_suffix}", UNetMinus, "unet--",
-        f"UNet-- on lunet_small_16f_unshuffle, E' of {_agg} channels at the intermediate level, pieces of {_piece}",
-        twin="lunet_small_16f_unshuffle", backbone="lunet", target="intermediate", features=16, levels=5,
-        convs_per_block=2, stem="unshuffle", agg_channels=_agg, piece_channels=_piece,
-    )
+register_preset(
+    "unetmm_lunet_small_16f_unshuffle_intermediate_wide", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f_unshuffle, E' of 64 channels at the intermediate level, pieces of 256",
+    backbone="lunet", target="intermediate", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    agg_channels=64, piece_channels=256, test_overrides=_TEST_SIZE_CONV,
+)
+register_preset(
+    "unetmm_lunet_small_16f_unshuffle_intermediate_wider", UNetMinus, "unet--",
+    "UNet-- on lunet_small_16f_unshuffle, E' of 128 channels at the intermediate level, pieces of 512",
+    backbone="lunet", target="intermediate", features=16, levels=5, convs_per_block=2, stem="unshuffle",
+    agg_channels=128, piece_channels=512, test_overrides=_TEST_SIZE_CONV,
+)
