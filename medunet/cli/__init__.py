@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from medunet.checks import WRITE_FIXES, write_problem
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader left (``medunet networks | head``): not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MedunetError as error:
         # Errors raised by medunet already name the file or case and the fix: print them plainly.
         print(f"medunet {args.command}: error: {error}", file=sys.stderr)
