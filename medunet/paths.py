@@ -17,10 +17,10 @@ def portable_path(path: str | Path) -> str:
     """``path`` as it reads on any machine with the same layout: relative to the repository when it lies in the
     folder holding the repository (the checkout itself, ``../shared/data`` beside it), else absolute. Run records
     and results pages write paths this way, so they read the same wherever the checkout sits."""
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_relative_to(REPO_ROOT.parent):
-        return str(resolved)
-    return os.path.relpath(resolved, REPO_ROOT)
+    absolute = Path(os.path.abspath(Path(path).expanduser()))  # links kept: ../shared may be a link to the data
+    if not absolute.is_relative_to(REPO_ROOT.parent):
+        return str(absolute)
+    return os.path.relpath(absolute, REPO_ROOT)
 
 
 def resolve_portable(text: str | Path) -> Path:

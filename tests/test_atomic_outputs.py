@@ -247,7 +247,7 @@ def test_temporary_and_hidden_files_are_not_cases(tmp_path: Path):
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     stale = tmp_path / f".tmp{int(dead.stdout)}.case1.nii.gz"
     stale.write_bytes(b"half")
     live = temporary_path(tmp_path / "case2.nii.gz")

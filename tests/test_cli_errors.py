@@ -194,7 +194,7 @@ def test_skip_missing_is_one_summary_line_not_problems(tmp_path: Path, capsys: p
 def test_parser_imports_no_heavy_packages() -> None:
     code = ("import sys, medunet.cli; medunet.cli.build_parser(); "
             "print([m for m in ('torch', 'monai', 'mlflow', 'ignite', 'numpy') if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 
 

@@ -129,7 +129,7 @@ def test_export_deploy_folder_is_complete_and_works_where_it_is_copied(
         output = tmp_path / f"pred{''.join(flag)}.nii.gz"
         result = subprocess.run([sys.executable, "-c", NO_TORCH, str(copied / "run.py"), "--input", str(image),
                                  "--output", str(output), "--threads", "1", *flag],
-                                cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+                                cwd=tmp_path, env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
         assert result.returncode == 0, result.stderr
         assert nib.load(output).shape == nib.load(image).shape
         np.testing.assert_allclose(nib.load(output).affine, nib.load(image).affine, atol=1e-4)
@@ -162,7 +162,7 @@ def test_export_without_calibration_data_names_the_fix(trained_run, tmp_path: Pa
 
 def test_runner_refuses_a_missing_input_in_one_line(deployment: Path, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(deployment / "run.py"), "--input", str(tmp_path / "none.nii.gz"),
-                             "--output", str(tmp_path / "p.nii.gz")], env=ENV, capture_output=True, text=True)
+                             "--output", str(tmp_path / "p.nii.gz")], env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Fix:" in result.stderr
 

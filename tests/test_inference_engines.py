@@ -148,14 +148,14 @@ def test_torchrun_shards_cases_across_ranks_each_written_once_and_rerun_skips(tr
                "-m", "medunet", "infer", "--run-dir", str(run_dir), "--input", str(inputs), "--output", str(output),
                "--no-tracking", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     written = [line for line in result.stdout.splitlines() if "wrote" in line]
     assert sorted(written) == ["rank 0/2: wrote 3 prediction(s) to " + str(output),
                                "rank 1/2: wrote 3 prediction(s) to " + str(output)]
     names = sorted(p.name for p in output.iterdir())
     assert names == sorted(p.name for p in inputs.iterdir())  # every case once, no temporaries
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert again.returncode == 0 and again.stdout.count("wrote 0 prediction(s)") == 2
 
 
@@ -182,7 +182,7 @@ else:
 def run_budget(image: Path, output: Path, budget: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", BUDGET_DRIVER, str(image), str(output), str(budget)],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 

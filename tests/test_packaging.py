@@ -27,10 +27,10 @@ def test_a_wheel_install_runs_the_demo_from_another_folder(tmp_path: Path) -> No
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     where = subprocess.run([sys.executable, "-c", "import medunet; print(medunet.__file__)"], cwd=elsewhere, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
+                           capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout.strip()
     assert Path(where).is_relative_to(site), where  # the installed copy, not the checkout
     demo = subprocess.run([sys.executable, "-m", "medunet", "demo", "--out", "runs/demo", "--epochs", "1",
-                           "--no-tracking"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+                           "--no-tracking"], cwd=elsewhere, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert (elsewhere / "runs" / "demo" / "run" / "evaluation" / "report.html").is_file()
     assert (elsewhere / "runs" / "demo" / "run" / "workflow.json").is_file()

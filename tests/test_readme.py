@@ -67,7 +67,7 @@ def test_readme_shell_block_runs(line: int, tmp_path: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, f"README line {line}:\n{commands}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
 

@@ -112,7 +112,7 @@ def figure(engine: str, images: list[str], threads: int, overlap: float, batch: 
         command = [sys.executable, "-c", ONNX_FIGURE, str(deploy), engine, str(threads), str(overlap), str(batch),
                    *images]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
     figure = json.loads(result.stdout.strip().splitlines()[-1])

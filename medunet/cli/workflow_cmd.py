@@ -172,9 +172,8 @@ def _infer(args: argparse.Namespace) -> int:
     finally:
         shutdown(context)
     out = written[0].parent if written else output
-    if context.is_distributed:
-        print(f"rank {context.rank}/{context.world_size}: ", end="")
-    print(f"wrote {len(written.written)} prediction(s) to {out}")
+    rank = f"rank {context.rank}/{context.world_size}: " if context.is_distributed else ""
+    print(f"{rank}wrote {len(written.written)} prediction(s) to {out}", flush=True)  # one write: ranks share stdout
     if written.skipped:
         print(f"skipped {len(written.skipped)} case(s) whose prediction already exists in {out} "
               "(pass --overwrite to predict them again)")

@@ -175,14 +175,14 @@ def make_phantom_task(
     for index in range(num_cases + num_test):
         image, label, affine = make_case(kind, tuple(size), seed * 1000 + index, channels, cyst=len(values) == 4)
         label = np.asarray(values, dtype=np.uint8)[label]
-        name = f"phantom_{index:03d}.nii.gz"
+        file_name = f"phantom_{index:03d}.nii.gz"
         if index < num_cases:
-            nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+            nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / file_name)
+            nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / file_name)
+            training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
         else:
-            nib.save(nib.Nifti1Image(image, affine), root / "imagesTs" / name)
-            test.append(f"./imagesTs/{name}")
+            nib.save(nib.Nifti1Image(image, affine), root / "imagesTs" / file_name)
+            test.append(f"./imagesTs/{file_name}")
     if kind == "ct":
         modality = {str(c): "CT" for c in range(channels)}
     else:
