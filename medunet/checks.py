@@ -143,3 +143,14 @@ def check_writable_dir(path: str | Path, name: str = "run folder") -> Path:
     except OSError as error:
         raise MedunetError(f"{name}: {write_problem(error, folder)}") from None
     return folder
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x1x128x128x128"`` -> ``(1, 1, 128, 128, 128)``: an input shape ``BxCx[D]xHxW`` with positive sizes."""
+    try:
+        shape = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise MedunetError(f"{text!r} is not BxCxHxW or BxCxDxHxW with positive sizes. Fix: e.g. 1x1x128x128x128.")
+    return shape

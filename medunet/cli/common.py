@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from medunet.checks import check_device, check_int, check_number
+from medunet.checks import check_device, check_int, check_number, parse_shape
 from medunet.errors import MedunetError
 
 
@@ -63,18 +63,8 @@ non_negative_float = _argument_type(lambda text: _float(text, low=0.0), "non_neg
 device_name = _argument_type(lambda text: check_device(text, "device", option="--device"), "device_name")
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) not in (4, 5) or min(shape) < 1:
-        raise MedunetError(f"{text!r} is not BxCxHxW or BxCxDxHxW with positive sizes. Fix: e.g. 1x1x128x128x128.")
-    return shape
-
-
 #: ``type=`` for an input shape ``BxCx[D]xHxW`` (``--shape 1x1x128x128x128``).
-input_shape = _argument_type(_shape, "input_shape")
+input_shape = _argument_type(parse_shape, "input_shape")
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:

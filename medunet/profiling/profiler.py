@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from medunet.checks import parse_shape
 from medunet.networks import create_network
 from medunet.profiling.memory import PeakMemory
 from medunet.profiling.skips import measure_skip_bytes
@@ -67,17 +68,6 @@ class ProfileResult:
         """What was profiled: network, input shape, device and how memory was measured."""
         return {"profile": {"network": self.name, "input_shape": "x".join(map(str, self.input_shape)),
                             "device": self.device, "memory_method": self.memory_method or "not measured"}}
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1x1x128x128x128"`` -> ``(1, 1, 128, 128, 128)``."""
-    try:
-        shape = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) not in (4, 5) or min(shape) < 1:
-        raise ValueError(f"shape {text!r} must be BxCxHxW or BxCxDxHxW with positive sizes, e.g. 1x1x128x128x128")
-    return shape
 
 
 def build(network: nn.Module | str, input_shape: tuple[int, ...], **overrides: Any) -> nn.Module:
