@@ -130,6 +130,8 @@ class LUNet(UNetSkeleton):
             and crop the output back.
         deep_supervision: auxiliary heads on the decoder levels above the finest (0..levels-2), used in
             training mode only (:class:`~medunet.networks.skeleton.UNetSkeleton`).
+        widths: an explicit width per level (e.g. ``(16, 24, 32, 32, 32)``) instead of ``features``, ``levels``
+            and ``flat``.
 
     Example::
 
@@ -154,10 +156,14 @@ class LUNet(UNetSkeleton):
         stem: str = "full",
         pad_input: bool = True,
         deep_supervision: int = 0,
+        widths: Sequence[int] | None = None,
     ) -> None:
-        widths = lunet_widths(features, levels, flat)
+        if widths is None:
+            widths = lunet_widths(features, levels, flat)
+        elif len(widths) < 2 or min(widths) < 1:
+            raise MedunetError(f"widths must list at least 2 positive level widths, got {list(widths)}")
         parts = conv_unet_parts(
-            spatial_dims, in_channels, out_channels, widths, convs_per_block, act, norm, dropout, bias, order,
+            spatial_dims, in_channels, out_channels, list(widths), convs_per_block, act, norm, dropout, bias, order,
             stem=stem,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
@@ -261,4 +267,10 @@ register_preset(
     "unet_small_16f_unshuffle", LUNet, "lunet",
     "unet_small_16f with a pixel-unshuffle stem and pixel-shuffle head (level 0 at half resolution)",
     features=16, levels=5, convs_per_block=2, flat=False, stem="unshuffle", test_overrides=_TEST_SIZE,
+)
+# Issue 10: lean at the expensive (finest) level, wider where the volume is small.
+register_preset(
+    "lunet_small_16f_unshuffle_wide", LUNet, "lunet",
+    "lunet_small_16f_unshuffle with wider coarse levels: widths 16, 24, 32, 32, 32 (cheap: those levels are small)",
+    widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", test_overrides={"widths": (2, 3, 4, 4, 4)},
 )
