@@ -131,3 +131,17 @@ def test_profile_timeline_command_prints_the_peak_and_writes_files(tmp_path: Pat
 def test_timeline_options_without_timeline_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "lunet_small_2f", "--plot", "t.png"]) == 2
     assert "--timeline" in capsys.readouterr().err
+
+
+def test_allocator_method_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        record_timeline(nn.Conv3d(1, 1, 1), (1, 1, 4, 4, 4), device="cpu", method="allocator")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_allocator_sees_at_least_the_live_tensors() -> None:
+    tensors = record_timeline("lunet_small_16f_unshuffle", SHAPE, device="cuda", method="tensors", **TINY)
+    allocator = record_timeline("lunet_small_16f_unshuffle", SHAPE, device="cuda", **TINY)
+    assert allocator.method == "allocator"
+    assert allocator.peak_bytes >= tensors.peak_bytes  # block rounding and workspaces come on top
+    assert allocator.max_skip_bytes == tensors.max_skip_bytes > 0
