@@ -11,18 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
 from monai.networks.nets.unet import CheckpointUNet
 from torch import nn
 
 from medunet.errors import MedunetError
+from medunet.networks.layers import crop_spatial, pad_to_multiple
 from medunet.networks.registry import register_preset
 
 
 class PadToDivisible(nn.Module):
     """Let ``network`` take any input size: pad to a multiple of ``divisor`` (and at least ``min_size``)
-    before the forward, crop the output back after. The wrapped network is ``self.network``."""
+    before the forward, crop the output back after (:func:`~medunet.networks.layers.pad_to_multiple`, the padding
+    medunet's own networks use). The wrapped network is ``self.network``."""
 
     def __init__(self, network: nn.Module, divisor: int, min_size: int = 0) -> None:
         super().__init__()
@@ -31,16 +32,8 @@ class PadToDivisible(nn.Module):
         self.min_size = min_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = x.shape[2:]
-        pad: list[int] = []
-        for size in spatial[::-1]:
-            padded = size + (self.divisor - size % self.divisor) % self.divisor
-            pad += [0, max(padded, self.min_size) - size]
-        out = self.network(F.pad(x, pad) if sum(pad) > 0 else x)
-        # The trailing axes are spatial, also in DynUNet's stacked deep-supervision output.
-        if len(spatial) == 2:
-            return out[..., : spatial[0], : spatial[1]]
-        return out[..., : spatial[0], : spatial[1], : spatial[2]]
+        # crop_spatial cuts the trailing axes only, so DynUNet's stacked deep-supervision output crops too.
+        return crop_spatial(self.network(pad_to_multiple(x, self.divisor, self.min_size)), x.shape[2:])
 
 
 def _no_deep_supervision(name: str, deep_supervision: int) -> None:

@@ -21,7 +21,7 @@ from medunet.networks.layers import (
     conv_norm_act,
 )
 from medunet.networks.registry import register_class, register_preset
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.skeleton import UNetBlocks, UNetParts, UNetSkeleton, compose_unet, level_widths
 from medunet.networks.skips import OrdinarySkips
 
 STEMS = ("full", "unshuffle")
@@ -31,6 +31,7 @@ def conv_block(
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
+    *,
     convs: int,
     act: ActType,
     norm: NormType,
@@ -40,17 +41,61 @@ def conv_block(
 ) -> nn.Sequential:
     """``convs`` x [3x3(x3) conv -> activation/norm/dropout in ``order``] (STAMP uses conv-ReLU-BN-dropout)."""
     layers = [
-        conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, 3, act, norm, dropout, bias, order)
+        conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size=3, act=act,
+                      norm=norm, dropout=dropout, bias=bias, order=order)
         for i in range(convs)
     ]
     return nn.Sequential(*layers)
 
 
+class ConvBlocks(UNetBlocks):
+    """The conv family's stages: conv blocks, max-pool down, transposed conv (kernel 2, stride 2) up, 1x1 head.
+
+    ``stem="unshuffle"`` starts with a pixel-unshuffle (space-to-depth, no information lost) so level 0
+    runs at half resolution, and ends with a 1x1 conv + pixel-shuffle back to full resolution, the way
+    MONAI's UNet starts with a strided conv: no kxk convolution touches the full-resolution volume,
+    which is where a 3D network's activations and (on the CPU) its convolution workspace peak.
+    """
+
+    def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
+                 dropout: DropoutType, bias: bool, order: str, stem: str) -> None:
+        if stem not in STEMS:
+            raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
+        self.spatial_dims = spatial_dims
+        self.block_options = dict(convs=convs_per_block, act=act, norm=norm, dropout=dropout, bias=bias, order=order)
+        self.scale = 2**spatial_dims if stem == "unshuffle" else 1  # channels gained by the unshuffle stem
+        self.input_stride = 2 if stem == "unshuffle" else 1
+
+    def block(self, in_channels: int, out_channels: int) -> nn.Sequential:
+        return conv_block(self.spatial_dims, in_channels, out_channels, **self.block_options)
+
+    def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
+        d = self.spatial_dims
+        if level > 0:
+            return nn.Sequential(Pool[Pool.MAX, d](2), self.block(widths[level - 1], widths[level]))
+        first = self.block(in_channels * self.scale, widths[0])
+        return nn.Sequential(PixelUnshuffle(d, 2), first) if self.scale > 1 else first
+
+    def decoder_stage(self, level: int, widths: list[int], merge: str) -> tuple[nn.Module, nn.Module, int]:
+        width = widths[level]
+        up = Conv[Conv.CONVTRANS, self.spatial_dims](widths[level + 1], width, 2, stride=2)
+        return up, self.block(2 * width if merge == "concat" else width, width), width
+
+    def head(self, in_channels: int, out_channels: int) -> nn.Module:
+        d = self.spatial_dims
+        head: nn.Module = Conv[Conv.CONV, d](in_channels, out_channels * self.scale, kernel_size=1)
+        return nn.Sequential(head, PixelShuffle(d, 2)) if self.scale > 1 else head
+
+
 def conv_unet_parts(
+    *,
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
-    widths: Sequence[int],
+    features: int = 8,
+    levels: int = 5,
+    flat: bool = True,
+    widths: Sequence[int] | None = None,
     convs_per_block: int = 2,
     act: ActType = ("relu", {"inplace": True}),
     norm: NormType = "batch",
@@ -60,50 +105,16 @@ def conv_unet_parts(
     merge: str = "concat",
     stem: str = "full",
 ) -> UNetParts:
-    """Stages of a convolutional U-Net with ``len(widths)`` resolution levels.
+    """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
     Encoder: a conv block at full resolution, then max-pool + conv block per level. Decoder:
     transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: 1x1 conv.
-
-    ``stem="unshuffle"`` starts with a pixel-unshuffle (space-to-depth, no information lost) so level 0
-    runs at half resolution, and ends with a 1x1 conv + pixel-shuffle back to full resolution, the way
-    MONAI's UNet starts with a strided conv: no kxk convolution touches the full-resolution volume,
-    which is where a 3D network's activations and (on the CPU) its convolution workspace peak.
+    Widths: :func:`~medunet.networks.skeleton.level_widths` (``features``, ``flat`` or an explicit ``widths``).
     """
-    if stem not in STEMS:
-        raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
-    widths = list(widths)
-    if len(widths) < 2:
-        raise MedunetError(f"a U-Net needs at least 2 levels, got widths {widths}")
-
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return conv_block(spatial_dims, cin, cout, convs_per_block, act, norm, dropout, bias, order)
-
-    pool = Pool[Pool.MAX, spatial_dims]
-    scale = 2**spatial_dims if stem == "unshuffle" else 1
-    first = block(in_channels * scale, widths[0])
-    encoder: list[nn.Module] = [nn.Sequential(PixelUnshuffle(spatial_dims, 2), first) if scale > 1 else first]
-    encoder += [nn.Sequential(pool(2), block(widths[i - 1], widths[i])) for i in range(1, len(widths))]
-    upconv = Conv[Conv.CONVTRANS, spatial_dims]
-    decoder = []
-    for level in range(len(widths) - 2, -1, -1):
-        width = widths[level]
-        block_in = 2 * width if merge == "concat" else width
-        decoder.append(DecoderStage(upconv(widths[level + 1], width, 2, stride=2), block(block_in, width), merge))
-    head: nn.Module = Conv[Conv.CONV, spatial_dims](widths[0], out_channels * scale, kernel_size=1)
-    if scale > 1:
-        head = nn.Sequential(head, PixelShuffle(spatial_dims, 2))
-    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(len(widths) - 1)),
-                     input_stride=2 if scale > 1 else 1,
-                     decoder_channels=[widths[level] for level in range(len(widths) - 2, -1, -1)],
-                     out_channels=out_channels)
-
-
-def lunet_widths(features: int, levels: int, flat: bool) -> list[int]:
-    """Constant width ``features`` at every level (lean) or ``features * 2**level`` (doubling)."""
-    if features < 1 or levels < 2:
-        raise MedunetError(f"LUNet needs features >= 1 and levels >= 2, got features={features}, levels={levels}")
-    return [features if flat else features * 2**level for level in range(levels)]
+    blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
+                        dropout=dropout, bias=bias, order=order, stem=stem)
+    widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
+    return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
 
 class LUNet(UNetSkeleton):
@@ -158,13 +169,10 @@ class LUNet(UNetSkeleton):
         deep_supervision: int = 0,
         widths: Sequence[int] | None = None,
     ) -> None:
-        if widths is None:
-            widths = lunet_widths(features, levels, flat)
-        elif len(widths) < 2 or min(widths) < 1:
-            raise MedunetError(f"widths must list at least 2 positive level widths, got {list(widths)}")
         parts = conv_unet_parts(
-            spatial_dims, in_channels, out_channels, list(widths), convs_per_block, act, norm, dropout, bias, order,
-            stem=stem,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
+            levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
+            dropout=dropout, bias=bias, order=order, stem=stem,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 

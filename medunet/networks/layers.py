@@ -90,6 +90,28 @@ def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tens
     return x.reshape(b, out_channels, d * factor, h * factor, w * factor)
 
 
+def pad_to_multiple(x: torch.Tensor, divisor: int, min_size: int = 0) -> torch.Tensor:
+    """Zero-pad each spatial axis at its end up to a multiple of ``divisor`` (and at least ``min_size``).
+
+    The one padding every medunet network and wrapped MONAI baseline uses; :func:`crop_spatial` undoes it.
+    """
+    pad: list[int] = []
+    for size in x.shape[2:][::-1]:  # F.pad lists the last dimension first
+        padded = size + (divisor - size % divisor) % divisor
+        pad += [0, max(padded, min_size) - size]
+    return F.pad(x, pad) if sum(pad) > 0 else x
+
+
+def crop_spatial(x: torch.Tensor, spatial: list[int]) -> torch.Tensor:
+    """The first ``spatial`` voxels of the trailing (spatial) axes: undoes :func:`pad_to_multiple`.
+
+    Only the trailing axes are cut, so a stacked deep-supervision output ``(B, 1 + K, C, *S)`` crops too.
+    """
+    if len(spatial) == 2:
+        return x[..., : spatial[0], : spatial[1]]
+    return x[..., : spatial[0], : spatial[1], : spatial[2]]
+
+
 class PixelUnshuffle(nn.Module):
     """Module form of :func:`pixel_unshuffle` (space-to-depth by ``factor``)."""
 

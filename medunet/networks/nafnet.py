@@ -17,7 +17,7 @@ from torch import nn
 from medunet.errors import MedunetError
 from medunet.networks.layers import ChannelLayerNorm, PixelShuffle, SimplifiedChannelAttention, pointwise
 from medunet.networks.registry import register_class, register_preset
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.skeleton import UNetBlocks, UNetParts, UNetSkeleton, compose_unet, level_widths
 from medunet.networks.skips import OrdinarySkips
 
 
@@ -60,42 +60,69 @@ def _blocks(spatial_dims: int, channels: int, count: int) -> nn.Sequential:
     return nn.Sequential(*[NAFBlock(spatial_dims, channels) for _ in range(count)])
 
 
+class NAFNetBlocks(UNetBlocks):
+    """NAFNet's stages: NAF blocks; a strided 2x2 conv down; a bias-free 1x1 conv + pixel-shuffle up; a 3x3 head.
+
+    Encoder level ``l`` runs ``encoder_blocks[l]`` blocks (the coarsest level ``middle_blocks``); decoder level
+    ``l`` runs ``decoder_blocks`` (coarsest first). With ``merge="concat"`` a 1x1 conv first halves the channels.
+    """
+
+    def __init__(self, *, spatial_dims: int, encoder_blocks: Sequence[int], middle_blocks: int,
+                 decoder_blocks: Sequence[int]) -> None:
+        if len(encoder_blocks) < 1 or len(decoder_blocks) != len(encoder_blocks):
+            raise MedunetError(
+                f"NAFNet needs as many decoder as encoder stages, got {list(encoder_blocks)} and {list(decoder_blocks)}"
+            )
+        self.spatial_dims = spatial_dims
+        self.counts = list(encoder_blocks) + [middle_blocks]  # per encoder level, the coarsest last
+        self.decoder_counts = list(decoder_blocks)
+
+    def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
+        d = self.spatial_dims
+        conv = Conv[Conv.CONV, d]
+        # Level l runs its encoder blocks; the next stage starts with the strided conv that halves it.
+        first = conv(in_channels, widths[0], 3, padding=1) if level == 0 else conv(widths[level - 1], widths[level], 2, stride=2)
+        return nn.Sequential(first, _blocks(d, widths[level], self.counts[level]))
+
+    def decoder_stage(self, level: int, widths: list[int], merge: str) -> tuple[nn.Module, nn.Module, int]:
+        d = self.spatial_dims
+        width = widths[level]
+        # 1x1 conv to width(level) * 2**d channels, then pixel-shuffle to width(level) at 2x resolution.
+        up = nn.Sequential(pointwise(d, widths[level + 1], width * 2**d, bias=False), PixelShuffle(d, 2))
+        count = self.decoder_counts[len(widths) - 2 - level]
+        if merge == "concat":
+            return up, nn.Sequential(pointwise(d, 2 * width, width), _blocks(d, width, count)), width
+        return up, _blocks(d, width, count), width
+
+    def head(self, in_channels: int, out_channels: int) -> nn.Module:
+        return Conv[Conv.CONV, self.spatial_dims](in_channels, out_channels, 3, padding=1)
+
+
 def nafnet_parts(
+    *,
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
-    width: int = 32,
+    features: int = 32,
+    flat: bool = False,
+    widths: Sequence[int] | None = None,
     encoder_blocks: Sequence[int] = (2, 2, 4, 8),
     middle_blocks: int = 12,
     decoder_blocks: Sequence[int] = (2, 2, 2, 2),
     merge: str = "add",
+    width: int | None = None,
 ) -> UNetParts:
-    """Stages of NAFNet: ``len(encoder_blocks)`` downsamplings, widths ``width * 2**level``."""
-    levels = len(encoder_blocks)
-    if levels < 1 or len(decoder_blocks) != levels:
-        raise MedunetError(
-            f"NAFNet needs as many decoder as encoder stages, got {list(encoder_blocks)} and {list(decoder_blocks)}"
-        )
-    d = spatial_dims
-    conv = Conv[Conv.CONV, d]
-    widths = [width * 2**level for level in range(levels + 1)]
-    # Level l runs its encoder blocks; the next stage starts with the strided conv that halves it.
-    encoder: list[nn.Module] = [nn.Sequential(conv(in_channels, width, 3, padding=1), _blocks(d, width, encoder_blocks[0]))]
-    for level in range(1, levels + 1):
-        count = encoder_blocks[level] if level < levels else middle_blocks
-        encoder.append(nn.Sequential(conv(widths[level - 1], widths[level], 2, stride=2), _blocks(d, widths[level], count)))
-    decoder = []
-    for level in range(levels - 1, -1, -1):
-        # 1x1 conv to width(level) * 2**d channels, then pixel-shuffle to width(level) at 2x resolution.
-        up = nn.Sequential(pointwise(d, widths[level + 1], widths[level] * 2**d, bias=False), PixelShuffle(d, 2))
-        if merge == "concat":
-            blocks: nn.Module = nn.Sequential(pointwise(d, 2 * widths[level], widths[level]), _blocks(d, widths[level], decoder_blocks[levels - 1 - level]))
-        else:
-            blocks = _blocks(d, widths[level], decoder_blocks[levels - 1 - level])
-        decoder.append(DecoderStage(up, blocks, merge))
-    head = conv(width, out_channels, 3, padding=1)
-    return UNetParts(encoder, decoder, head, widths, skip_levels=list(range(levels)),
-                     decoder_channels=[widths[level] for level in range(levels - 1, -1, -1)], out_channels=out_channels)
+    """Stages of NAFNet with ``len(encoder_blocks)`` downsamplings (the arguments are :class:`NAFNet`'s).
+
+    Widths: ``features * 2**level`` as in the paper, ``features`` at every level (``flat``), or an explicit
+    ``widths`` list of ``len(encoder_blocks) + 1`` entries (:func:`~medunet.networks.skeleton.level_widths`).
+    """
+    blocks = NAFNetBlocks(spatial_dims=spatial_dims, encoder_blocks=encoder_blocks, middle_blocks=middle_blocks,
+                          decoder_blocks=decoder_blocks)
+    if width is not None:  # the old name of ``features``, still in run folders written before it was renamed
+        features = width
+    widths = level_widths(features=features, levels=len(encoder_blocks) + 1, flat=flat, widths=widths)
+    return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
 
 class NAFNet(UNetSkeleton):
@@ -105,21 +132,26 @@ class NAFNet(UNetSkeleton):
         spatial_dims: 2 or 3.
         in_channels: input channels.
         out_channels: output channels; forward returns logits.
-        width: channels at full resolution; doubles at every level. Default 32.
+        features: channels at full resolution; doubles at every level (unless ``flat``). Default 32.
         encoder_blocks: NAF blocks per encoder level; its length is the number of downsamplings.
         middle_blocks: NAF blocks at the coarsest level.
         decoder_blocks: NAF blocks per decoder level, coarsest first.
         pad_input: pad inputs to a multiple of ``2**len(encoder_blocks)`` and crop the output back.
         deep_supervision: 1x1 heads on the decoder levels above the finest, used in training mode only
             (:class:`~medunet.networks.skeleton.UNetSkeleton`).
+        flat: constant width ``features`` at every level (a lean NAFNet) instead of doubling. Default False.
+        widths: an explicit width per level, ``len(encoder_blocks) + 1`` of them, instead of ``features`` and ``flat``.
+        width: the former name of ``features`` (run folders written before the rename still load); prefer ``features``.
 
     The published configurations are width 32 with ``(2, 2, 4, 8) / 12 / (2, 2, 2, 2)`` (SIDD) and
     ``(1, 1, 1, 28) / 1 / (1, 1, 1, 1)`` (GoPro); the registry has lighter presets for 3D volumes.
 
     Example::
 
-        net = NAFNet(spatial_dims=3, in_channels=1, out_channels=2, width=8,
+        net = NAFNet(spatial_dims=3, in_channels=1, out_channels=2, features=8,
                      encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+        lean = NAFNet(spatial_dims=3, in_channels=1, out_channels=2, features=16, flat=True,
+                      encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
     """
 
     def __init__(
@@ -127,27 +159,34 @@ class NAFNet(UNetSkeleton):
         spatial_dims: int = 3,
         in_channels: int = 1,
         out_channels: int = 2,
-        width: int = 32,
+        features: int = 32,
         encoder_blocks: Sequence[int] = (2, 2, 4, 8),
         middle_blocks: int = 12,
         decoder_blocks: Sequence[int] = (2, 2, 2, 2),
         pad_input: bool = True,
         deep_supervision: int = 0,
+        flat: bool = False,
+        widths: Sequence[int] | None = None,
+        width: int | None = None,
     ) -> None:
-        parts = nafnet_parts(spatial_dims, in_channels, out_channels, width, encoder_blocks, middle_blocks, decoder_blocks)
+        parts = nafnet_parts(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
+            flat=flat, widths=widths, encoder_blocks=encoder_blocks, middle_blocks=middle_blocks,
+            decoder_blocks=decoder_blocks, width=width,
+        )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
 
 # The paper's configurations (SIDD denoising, GoPro deblurring) and two light ones; UNet--
 # (unet_minus.py) reuses them as backbones.
-NAFNET_W32_SIDD = dict(width=32, encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2))
-NAFNET_W32_GOPRO = dict(width=32, encoder_blocks=(1, 1, 1, 28), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
-NAFNET_W16_LIGHT = dict(width=16, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
-NAFNET_W8_LIGHT = dict(width=8, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+NAFNET_W32_SIDD = dict(features=32, encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2))
+NAFNET_W32_GOPRO = dict(features=32, encoder_blocks=(1, 1, 1, 28), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+NAFNET_W16_LIGHT = dict(features=16, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+NAFNET_W8_LIGHT = dict(features=8, encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
 
 register_class(NAFNet)
-#: Test size: width 4; block counts stay the preset's own.
-_TEST_SIZE = {"width": 4}
+#: Test size: base width 4; block counts stay the preset's own.
+_TEST_SIZE = {"features": 4}
 register_preset(
     "nafnet_w32_sidd", NAFNet, "nafnet", "NAFNet width 32, blocks (2, 2, 4, 8)/12/(2, 2, 2, 2)",
     **NAFNET_W32_SIDD, test_overrides=_TEST_SIZE,

@@ -9,6 +9,8 @@ authors' code: conv -> ReLU -> BatchNorm. Parameter counts reproduce the paper's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -22,7 +24,7 @@ from medunet.networks.layers import (
     conv_norm_act,
 )
 from medunet.networks.registry import register_class, register_preset
-from medunet.networks.skeleton import DecoderStage, UNetParts, UNetSkeleton
+from medunet.networks.skeleton import UNetBlocks, UNetParts, UNetSkeleton, compose_unet, level_widths
 from medunet.networks.skips import OrdinarySkips
 
 VARIANTS = ("e", "ed")
@@ -32,13 +34,87 @@ def _spatial(kernel_size: int) -> nn.Module:
     return FlatSpatialFilter(kernel_size) if kernel_size > 1 else nn.Identity()
 
 
+class OneNetBlocks(UNetBlocks):
+    """OneNet's stages: pointwise stem, then per level pixel-unshuffle + spatial filter + two pointwise convs.
+
+    ``variant="e"``: a conventional decoder (transposed conv, two 3x3 conv+BN+ReLU; plain convs on top).
+    ``variant="ed"``: a channel-wise decoder (pixel-shuffle, spatial filter, two pointwise convs). Each of its
+    levels ends with ``2**d * widths[level - 1]`` channels so the next pixel-shuffle lands on that width.
+    """
+
+    def __init__(self, *, spatial_dims: int, variant: str, stem_repeat: int, spatial_kernel: int, act: ActType,
+                 norm: NormType) -> None:
+        if variant not in VARIANTS:
+            raise MedunetError(f"OneNet variant must be one of {VARIANTS}, got {variant!r}")
+        if stem_repeat < 1:
+            raise MedunetError(f"OneNet needs stem_repeat >= 1, got {stem_repeat}")
+        self.spatial_dims = spatial_dims
+        self.variant = variant
+        self.stem_repeat = stem_repeat
+        self.spatial_kernel = spatial_kernel
+        self.act = act
+        self.norm = norm
+        self.sub = 2**spatial_dims  # channels gained by a pixel-unshuffle of 2
+
+    def pw(self, in_channels: int, out_channels: int) -> nn.Module:
+        """Pointwise conv -> act -> norm (the authors' order)."""
+        return conv_norm_act(self.spatial_dims, in_channels, out_channels, kernel_size=1, act=self.act,
+                             norm=self.norm, order="AN")
+
+    def skip_levels(self, levels: int) -> list[int]:
+        # OneNet never concatenates the full-resolution stem feature: level 0 has no skip.
+        return list(range(1, levels - 1))
+
+    def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
+        if level == 0:
+            stem = [self.pw(in_channels, widths[0])] + [self.pw(widths[0], widths[0]) for _ in range(self.stem_repeat - 1)]
+            return nn.Sequential(*stem)
+        cin, cout = widths[level - 1], widths[level]
+        layers = [PixelUnshuffle(self.spatial_dims, 2), _spatial(self.spatial_kernel), self.pw(self.sub * cin, cout),
+                  self.pw(cout, cout)]
+        if self.variant == "ed" and level == len(widths) - 1:
+            layers.append(self.pw(cout, self.sub * cin))  # the coarsest feature, ready for the first pixel-shuffle
+        return nn.Sequential(*layers)
+
+    def decoder_stage(self, level: int, widths: list[int], merge: str) -> tuple[nn.Module, nn.Module, int]:
+        d = self.spatial_dims
+        width = widths[level]
+        top = level == 0
+        block_in = 2 * width if merge == "concat" else width
+        if self.variant == "e":
+            act, norm = (None, None) if top else (self.act, self.norm)
+            block = nn.Sequential(
+                conv_norm_act(d, block_in, width, kernel_size=3, act=act, norm=norm),
+                conv_norm_act(d, width, width, kernel_size=3, act=act, norm=norm),
+            )
+            return Conv[Conv.CONVTRANS, d](widths[level + 1], width, 2, stride=2), block, width
+        block_out = width if top else self.sub * widths[level - 1]
+        block = nn.Sequential(_spatial(self.spatial_kernel), self.pw(block_in, block_out), self.pw(block_out, block_out))
+        return PixelShuffle(d, 2), block, block_out
+
+    def aux_head(self, level: int, channels: int, out_channels: int) -> nn.Module | None:
+        if level == 0:
+            return None
+        if self.variant == "e":
+            return Conv[Conv.CONV, self.spatial_dims](channels, out_channels, 3, padding=1)
+        return Conv[Conv.CONV, self.spatial_dims](channels, out_channels, 1)
+
+    def head(self, in_channels: int, out_channels: int) -> nn.Module:
+        if self.variant == "e":
+            return Conv[Conv.CONV, self.spatial_dims](in_channels, out_channels, 3, padding=1)
+        return Conv[Conv.CONV, self.spatial_dims](in_channels, out_channels, 1)
+
+
 def onenet_parts(
+    *,
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
     variant: str = "e",
     features: int = 64,
     levels: int = 4,
+    flat: bool = False,
+    widths: Sequence[int] | None = None,
     stem_repeat: int = 3,
     spatial_kernel: int = 9,
     act: ActType = "relu",
@@ -46,66 +122,19 @@ def onenet_parts(
     auxiliary_heads: bool = False,
     merge: str = "concat",
 ) -> UNetParts:
-    """Stages of OneNet with ``levels`` downscalings; widths ``features * 2**level``."""
-    if variant not in VARIANTS:
-        raise MedunetError(f"OneNet variant must be one of {VARIANTS}, got {variant!r}")
-    if levels < 1 or stem_repeat < 1:
-        raise MedunetError(f"OneNet needs levels >= 1 and stem_repeat >= 1, got {levels}, {stem_repeat}")
-    d = spatial_dims
-    sub = 2**d  # channels gained by a pixel-unshuffle of 2
-    widths = [features * 2**level for level in range(levels + 1)]
+    """Stages of OneNet with ``levels`` downscalings (the arguments are :class:`OneNet`'s).
 
-    def pw(cin: int, cout: int, with_norm: bool = True, with_act: bool = True) -> nn.Module:
-        return conv_norm_act(d, cin, cout, 1, act if with_act else None, norm if with_norm else None, order="AN")
-
-    stem = [pw(in_channels, widths[0])] + [pw(widths[0], widths[0]) for _ in range(stem_repeat - 1)]
-    encoder: list[nn.Module] = [nn.Sequential(*stem)]
-    for level in range(1, levels + 1):
-        cin, cout = widths[level - 1], widths[level]
-        encoder.append(
-            nn.Sequential(PixelUnshuffle(d, 2), _spatial(spatial_kernel), pw(sub * cin, cout), pw(cout, cout))
-        )
-
-    # OneNet never concatenates the full-resolution stem feature: level 0 has no skip.
-    skip_levels = list(range(1, levels))
-    decoder: list[DecoderStage] = []
-    decoder_channels: list[int] = []
-    aux_heads: list[nn.Module] = []
-    if variant == "e":
-        # Conventional decoder: transposed conv, concat, two 3x3 conv+BN+ReLU; plain convs on top.
-        for level in range(levels - 1, -1, -1):
-            width = widths[level]
-            top = level == 0
-            block_in = width if top or merge != "concat" else 2 * width
-            block = nn.Sequential(
-                conv_norm_act(d, block_in, width, 3, None if top else act, None if top else norm),
-                conv_norm_act(d, width, width, 3, None if top else act, None if top else norm),
-            )
-            up = Conv[Conv.CONVTRANS, d](widths[level + 1], width, 2, stride=2)
-            decoder.append(DecoderStage(up, block, "none" if top else merge))
-            decoder_channels.append(width)
-            if not top:
-                aux_heads.append(Conv[Conv.CONV, d](width, out_channels, 3, padding=1))
-        head = Conv[Conv.CONV, d](widths[0], out_channels, 3, padding=1)
-    else:
-        # Channel-wise decoder: pixel-shuffle up, concat, spatial filter, two pointwise convs. Each
-        # level ends with 2**d * width(level-1) channels so the next pixel-shuffle lands on that width.
-        encoder[-1] = nn.Sequential(*encoder[-1], pw(widths[levels], sub * widths[levels - 1]))
-        for level in range(levels - 1, -1, -1):
-            width = widths[level]
-            top = level == 0
-            block_in = width if top or merge != "concat" else 2 * width
-            block_out = width if top else sub * widths[level - 1]
-            block = nn.Sequential(_spatial(spatial_kernel), pw(block_in, block_out), pw(block_out, block_out))
-            decoder.append(DecoderStage(PixelShuffle(d, 2), block, "none" if top else merge))
-            decoder_channels.append(block_out)
-            if not top:
-                aux_heads.append(Conv[Conv.CONV, d](block_out, out_channels, 1))
-        head = Conv[Conv.CONV, d](widths[0], out_channels, 1)
-    return UNetParts(
-        encoder, decoder, head, widths, skip_levels, aux_heads=aux_heads if auxiliary_heads else [],
-        decoder_channels=decoder_channels, out_channels=out_channels,
-    )
+    Widths: ``features * 2**level`` as in the paper, ``features`` at every level (``flat``), or an explicit
+    ``widths`` list of ``levels + 1`` entries (:func:`~medunet.networks.skeleton.level_widths`).
+    """
+    if levels < 1:
+        raise MedunetError(f"OneNet needs levels >= 1, got {levels}")
+    blocks = OneNetBlocks(spatial_dims=spatial_dims, variant=variant, stem_repeat=stem_repeat,
+                          spatial_kernel=spatial_kernel, act=act, norm=norm)
+    widths = level_widths(features=features, levels=None if widths is not None else levels + 1, flat=flat,
+                          widths=widths)
+    return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge,
+                        auxiliary_heads=auxiliary_heads)
 
 
 class OneNet(UNetSkeleton):
@@ -120,8 +149,8 @@ class OneNet(UNetSkeleton):
         in_channels: input channels.
         out_channels: output channels; forward returns logits at full resolution.
         variant: ``"e"`` or ``"ed"``.
-        features: stem width b; level ``l`` has ``b * 2**l`` channels. The paper uses 64 (2D); 3D
-            volumes suit 8-16 because a 3D unshuffle multiplies channels by 8.
+        features: stem width b; level ``l`` has ``b * 2**l`` channels (``b`` with ``flat``). The paper uses 64 (2D);
+            3D volumes suit 8-16 because a 3D unshuffle multiplies channels by 8.
         levels: downscalings (the paper's 4 or 5). Inputs are padded to a multiple of ``2**levels``.
         stem_repeat: pointwise convolutions at full resolution (3 reproduces the paper's counts).
         spatial_kernel: taps of the flattened spatial filter before each level's pointwise convs
@@ -132,11 +161,16 @@ class OneNet(UNetSkeleton):
         pad_input: pad inputs to a multiple of ``2**levels`` and crop the output back.
         deep_supervision: 1x1 heads on the decoder levels above the finest (0..levels-1), used in training mode
             only; unlike ``auxiliary_heads`` they are trained (:class:`~medunet.networks.skeleton.UNetSkeleton`).
+        flat: constant width ``features`` at every level (a lean OneNet, as Lean UNet does for conv U-Nets)
+            instead of doubling. Default False (the paper's).
+        widths: an explicit width per level, ``levels + 1`` of them (e.g. ``(8, 16, 16, 16, 16)``), instead of
+            ``features``, ``levels`` and ``flat``.
 
     Example::
 
         net = OneNet(spatial_dims=2, in_channels=3, out_channels=4, variant="ed")
         logits = net(torch.zeros(1, 3, 256, 256))  # (1, 4, 256, 256)
+        lean = OneNet(spatial_dims=3, in_channels=1, out_channels=2, features=16, flat=True)  # 16 channels everywhere
     """
 
     def __init__(
@@ -154,10 +188,13 @@ class OneNet(UNetSkeleton):
         auxiliary_heads: bool = False,
         pad_input: bool = True,
         deep_supervision: int = 0,
+        flat: bool = False,
+        widths: Sequence[int] | None = None,
     ) -> None:
         parts = onenet_parts(
-            spatial_dims, in_channels, out_channels, variant, features, levels, stem_repeat, spatial_kernel,
-            act, norm, auxiliary_heads,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, variant=variant,
+            features=features, levels=levels, flat=flat, widths=widths, stem_repeat=stem_repeat,
+            spatial_kernel=spatial_kernel, act=act, norm=norm, auxiliary_heads=auxiliary_heads,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 

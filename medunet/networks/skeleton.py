@@ -6,8 +6,14 @@ The three papers cut a U-Net at three independent seams, and so does this module
 - *widths* (Lean UNet changes them): the channel count of each level;
 - *skips* (UNet-- changes them): what travels from encoder level ``l`` to decoder level ``l``.
 
-A family module (``conv_unet``, ``onenet``, ``nafnet``) builds :class:`UNetParts` for given widths and
-merge mode; :class:`UNetSkeleton` runs them with any :mod:`medunet.networks.skips` strategy.
+The seams are three independent arguments, composed the way nnU-Net's ``dynamic_network_architectures``
+composes an encoder, a decoder and a block type:
+
+- a family module (``conv_unet``, ``onenet``, ``nafnet``) defines a :class:`UNetBlocks`: the stage it builds at
+  one level for given widths;
+- :func:`level_widths` is the width schedule every family takes: doubling, constant (``flat``) or an explicit list;
+- :func:`compose_unet` walks the levels, asks the blocks for each stage and returns :class:`UNetParts`;
+  :class:`UNetSkeleton` runs them with any :class:`~medunet.networks.skips.SkipStrategy`.
 
 Deep supervision (``deep_supervision=K``, as nnU-Net trains): K extra 1x1 heads read the outputs of the K decoder
 stages above the finest. In training mode the network returns, as MONAI's ``DynUNet`` does, one tensor
@@ -18,6 +24,7 @@ heads are not run: the output, its cost and an exported graph are those of the n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +33,8 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medunet.errors import MedunetError
+from medunet.networks.layers import crop_spatial, pad_to_multiple
+from medunet.networks.skips import SkipStrategy
 
 MERGE_MODES = ("concat", "add", "none")
 
@@ -78,24 +87,119 @@ class UNetParts:
             self.skip_channels = {level: self.channels[level] for level in self.skip_levels}
 
 
+def level_widths(*, features: int, levels: int | None, flat: bool = False,
+                 widths: Sequence[int] | None = None) -> list[int]:
+    """The width seam: the channel count of each resolution level, level 0 (the finest) first.
+
+    Args:
+        features: the base width: of level 0, and of every level when ``flat``.
+        levels: how many resolution levels (``None``: as many as ``widths`` lists).
+        flat: constant width (Lean UNet) instead of ``features * 2**level`` (doubling, the classic U-Net).
+        widths: an explicit width per level, e.g. ``(16, 24, 32, 32, 32)``; replaces ``features`` and ``flat``.
+    """
+    if widths is not None:
+        widths = [int(w) for w in widths]
+        if len(widths) < 2 or min(widths) < 1 or (levels is not None and len(widths) != levels):
+            wanted = f"{levels}" if levels is not None else "at least 2"
+            raise MedunetError(f"widths must list {wanted} positive level widths, got {widths}. "
+                               f"Fix: one width per resolution level, e.g. {[16] * (levels or 2)}.")
+        return widths
+    if features < 1 or levels is None or levels < 2:
+        raise MedunetError(f"a U-Net needs features >= 1 and at least 2 resolution levels, got features={features}, "
+                           f"levels={levels}")
+    return [features if flat else features * 2**level for level in range(levels)]
+
+
+class UNetBlocks:
+    """The block seam: what one family (conv, OneNet, NAFNet) builds at each level, for any widths.
+
+    :func:`compose_unet` calls the builders level by level, encoder first (finest to coarsest), then the decoder
+    (coarsest to finest), then the head, so a seeded network is initialised in that order. A family overrides
+    :meth:`encoder_stage`, :meth:`decoder_stage` and :meth:`head`; the rest has defaults most families keep.
+    """
+
+    #: How much the first encoder stage shrinks the input before level 0 (2 for a pixel-unshuffle stem).
+    input_stride: int = 1
+
+    def skip_levels(self, levels: int) -> list[int]:
+        """Levels whose encoder feature reaches the decoder: every level above the coarsest."""
+        return list(range(levels - 1))
+
+    def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
+        """The stage producing the level-``level`` feature (``widths[level]`` channels); level 0 reads the input."""
+        raise NotImplementedError
+
+    def decoder_stage(self, level: int, widths: list[int], merge: str) -> tuple[nn.Module, nn.Module, int]:
+        """``(up, blocks, out_channels)`` of decoder level ``level``: ``up`` reads the stage below (level + 1),
+        ``blocks`` the result of merging the skip (``merge``: concat, add, or none where the level has no skip)."""
+        raise NotImplementedError
+
+    def aux_head(self, level: int, channels: int, out_channels: int) -> nn.Module | None:
+        """A per-level head of the paper's code, counted in its parameters but never run (OneNet); default none."""
+        return None
+
+    def head(self, in_channels: int, out_channels: int) -> nn.Module:
+        """The last layer: from the finest decoder output to ``out_channels`` logits at full resolution."""
+        raise NotImplementedError
+
+
+def compose_unet(blocks: UNetBlocks, *, in_channels: int, out_channels: int, widths: Sequence[int],
+                 merge: str = "concat", auxiliary_heads: bool = False) -> UNetParts:
+    """A U-Net's stages: ``blocks`` built at every level of ``widths``, skips merged by ``merge``.
+
+    Args:
+        blocks: the block family.
+        in_channels: input channels.
+        out_channels: output channels (logits).
+        widths: the encoder width of each level (:func:`level_widths`); ``len(widths) - 1`` downsamplings.
+        merge: how a decoder level takes its skip: ``"concat"``, ``"add"`` (same width) or ``"none"``.
+        auxiliary_heads: keep the family's :meth:`UNetBlocks.aux_head` modules (built in any case, so that a
+            seeded initialisation does not depend on it).
+    """
+    widths = list(widths)
+    levels = len(widths)
+    skip_levels = blocks.skip_levels(levels)
+    encoder = [blocks.encoder_stage(level, widths, in_channels) for level in range(levels)]
+    decoder: list[DecoderStage] = []
+    decoder_channels: list[int] = []
+    aux_heads: list[nn.Module] = []
+    for level in range(levels - 2, -1, -1):
+        stage_merge = merge if level in skip_levels else "none"
+        up, refine, channels = blocks.decoder_stage(level, widths, stage_merge)
+        decoder.append(DecoderStage(up, refine, stage_merge))
+        decoder_channels.append(channels)
+        aux = blocks.aux_head(level, channels, out_channels)
+        if aux is not None:
+            aux_heads.append(aux)
+    head = blocks.head(decoder_channels[-1], out_channels)
+    return UNetParts(
+        encoder, decoder, head, widths, skip_levels, aux_heads=aux_heads if auxiliary_heads else [],
+        decoder_channels=decoder_channels, out_channels=out_channels, input_stride=blocks.input_stride,
+    )
+
+
 class UNetSkeleton(nn.Module):
     """Runs :class:`UNetParts` with a skip strategy; pads inputs to a multiple of ``2**levels``.
 
     Args:
         spatial_dims: 2 or 3.
         parts: the stages built by a family builder.
-        skips: a module from :mod:`medunet.networks.skips` (ordinary per-level skips, or MSIAM/IEM).
+        skips: a :class:`~medunet.networks.skips.SkipStrategy` module (ordinary per-level skips, or MSIAM/IEM).
         pad_input: pad each spatial size up to a multiple of ``2**downsamplings`` and crop the output
             back (default). If False, other sizes raise an error that says which sizes work.
         deep_supervision: auxiliary heads on the decoder stages above the finest (0: none, at most
             ``len(parts.decoder) - 1``); in training mode forward then returns ``(B, 1 + K, C, *spatial)``.
     """
 
-    def __init__(self, spatial_dims: int, parts: UNetParts, skips: nn.Module, pad_input: bool = True,
+    def __init__(self, spatial_dims: int, parts: UNetParts, skips: SkipStrategy, pad_input: bool = True,
                  deep_supervision: int = 0) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise MedunetError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if not isinstance(skips, nn.Module) or not isinstance(skips, SkipStrategy):
+            raise MedunetError(f"skips must be an nn.Module with forward(level, feature, state) and expand(level, state) "
+                               f"(medunet.networks.skips.SkipStrategy), got {type(skips).__name__}. "
+                               "Fix: pass OrdinarySkips(parts.skip_levels) or an AggregatedSkips.")
         most = len(parts.decoder) - 1
         if isinstance(deep_supervision, bool) or not isinstance(deep_supervision, int) or not 0 <= deep_supervision <= most:
             raise MedunetError(f"deep_supervision is {deep_supervision!r}; this network has {most} decoder stages above "
@@ -144,26 +248,17 @@ class UNetSkeleton(nn.Module):
             for j, head in enumerate(self.ds_heads):
                 outputs.append(F.interpolate(head(features[len(features) - 1 - j]), size=x.shape[2:], mode="nearest"))
             x = torch.stack(outputs, dim=1)
-        return self._crop(x, spatial)
+        # The trailing axes are spatial, also in the stacked deep-supervision output.
+        return crop_spatial(x, spatial)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         divisor = self.size_divisor
         shape = x.shape[2:]
-        extra = [(divisor - s % divisor) % divisor for s in shape]
-        if sum(extra) == 0:
-            return x
         if not self.pad_input:
-            raise ValueError(
-                f"input spatial size {list(shape)} is not divisible by {divisor}: use sizes that are "
-                f"multiples of {divisor}, or build the network with pad_input=True"
-            )
-        pad: list[int] = []
-        for amount in extra[::-1]:  # F.pad lists the last dimension first
-            pad += [0, amount]
-        return F.pad(x, pad)
-
-    def _crop(self, x: torch.Tensor, spatial: list[int]) -> torch.Tensor:
-        # The trailing axes are spatial, also in the stacked deep-supervision output.
-        if self.spatial_dims == 2:
-            return x[..., : spatial[0], : spatial[1]]
-        return x[..., : spatial[0], : spatial[1], : spatial[2]]
+            for size in shape:
+                if size % divisor != 0:
+                    raise ValueError(
+                        f"input spatial size {list(shape)} is not divisible by {divisor}: use sizes that are "
+                        f"multiples of {divisor}, or build the network with pad_input=True"
+                    )
+        return pad_to_multiple(x, divisor)

@@ -1,6 +1,6 @@
 """Skip strategies: what travels from encoder level ``l`` to decoder level ``l``.
 
-Both strategies share one interface, called by :class:`~medunet.networks.skeleton.UNetSkeleton`:
+Both strategies share one interface, :class:`SkipStrategy`, called by :class:`~medunet.networks.skeleton.UNetSkeleton`:
 
 - ``forward(level, feature, state) -> state`` as each encoder feature is produced;
 - ``expand(level, state) -> skip`` when decoder level ``level`` needs its skip.
@@ -17,6 +17,7 @@ inside the decoder.
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -26,6 +27,25 @@ from medunet.networks.layers import pixel_shuffle, pixel_unshuffle, pointwise
 
 TARGETS = ("coarsest", "intermediate", "finest")
 IEM_MODES = ("enhanced", "plain")
+
+
+@runtime_checkable
+class SkipStrategy(Protocol):
+    """What :class:`~medunet.networks.skeleton.UNetSkeleton` asks of its skip module (an ``nn.Module``).
+
+    A new strategy implements these two methods and lists its ``skip_levels``; no base class is needed.
+    """
+
+    #: The encoder levels whose features the decoder receives, finest first.
+    skip_levels: list[int]
+
+    def forward(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Take the level-``level`` encoder feature as it is produced; return the tensors kept for the decoder."""
+        ...
+
+    def expand(self, level: int, state: list[torch.Tensor]) -> torch.Tensor:
+        """The skip of decoder level ``level``, made from (and released from) ``state``."""
+        ...
 
 
 class OrdinarySkips(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from medunet.errors import MedunetError
-from medunet.networks.conv_unet import conv_unet_parts, lunet_widths
+from medunet.networks.conv_unet import conv_unet_parts
 from medunet.networks.nafnet import (
     NAFNET_W8_LIGHT,
     NAFNET_W16_LIGHT,
@@ -24,30 +24,13 @@ from medunet.networks.registry import register_class, register_preset
 from medunet.networks.skeleton import UNetParts, UNetSkeleton
 from medunet.networks.skips import AggregatedSkips
 
-
-def _conv_parts(flat: bool) -> Callable[..., UNetParts]:
-    def build(spatial_dims: int, in_channels: int, out_channels: int, merge: str, features: int = 16,
-              levels: int = 4, **kwargs: Any) -> UNetParts:
-        widths = lunet_widths(features, levels, flat)
-        return conv_unet_parts(spatial_dims, in_channels, out_channels, widths, merge=merge, **kwargs)
-
-    return build
-
-
-def _nafnet(spatial_dims: int, in_channels: int, out_channels: int, merge: str, **kwargs: Any) -> UNetParts:
-    return nafnet_parts(spatial_dims, in_channels, out_channels, merge=merge, **kwargs)
-
-
-def _onenet(spatial_dims: int, in_channels: int, out_channels: int, merge: str, **kwargs: Any) -> UNetParts:
-    return onenet_parts(spatial_dims, in_channels, out_channels, merge=merge, **kwargs)
-
-
-#: Backbone name -> builder(spatial_dims, in_channels, out_channels, merge, **backbone_kwargs).
-BACKBONES: dict[str, Callable[..., UNetParts]] = {
-    "unet": _conv_parts(flat=False),
-    "lunet": _conv_parts(flat=True),
-    "nafnet": _nafnet,
-    "onenet": _onenet,
+#: Backbone name -> (its family's parts builder, the keywords UNet-- passes unless told otherwise). Every builder
+#: takes the same width keywords (``features``, ``flat``, ``widths``), so the backbone's own are passed through.
+BACKBONES: dict[str, tuple[Callable[..., UNetParts], dict[str, Any]]] = {
+    "unet": (conv_unet_parts, {"features": 16, "levels": 4, "flat": False}),
+    "lunet": (conv_unet_parts, {"features": 16, "levels": 4, "flat": True}),
+    "nafnet": (nafnet_parts, {}),
+    "onenet": (onenet_parts, {}),
 }
 
 
@@ -64,8 +47,9 @@ class UNetMinus(UNetSkeleton):
         in_channels: input channels.
         out_channels: output channels; forward returns logits.
         backbone: ``"unet"`` (doubling conv U-Net), ``"lunet"`` (Lean UNet widths), ``"nafnet"``, or
-            ``"onenet"``; its own arguments are passed as extra keywords (e.g. ``features=16``,
-            ``levels=4`` for the conv backbones; ``width``, ``encoder_blocks``... for NAFNet).
+            ``"onenet"``; its own arguments are passed as extra keywords. Every backbone takes the width
+            schedule ``features``, ``flat``, ``widths`` (the conv ones default to ``features=16, levels=4``); then
+            e.g. ``levels``, ``stem`` (conv), ``encoder_blocks``... (NAFNet), ``variant`` (OneNet).
         target: level of E': ``"coarsest"`` (default), ``"intermediate"``, ``"finest"`` or an index.
         agg_channels: channels of E' (default: the backbone's width at the target level).
         piece_channels: channels each level contributes to E' before fusion (default: an equal share).
@@ -79,6 +63,7 @@ class UNetMinus(UNetSkeleton):
     Example::
 
         net = UNetMinus(spatial_dims=3, in_channels=1, out_channels=3, backbone="lunet", features=16)
+        lean_onenet = UNetMinus(spatial_dims=3, in_channels=1, out_channels=3, backbone="onenet", features=8, flat=True)
     """
 
     def __init__(
@@ -100,17 +85,19 @@ class UNetMinus(UNetSkeleton):
             raise MedunetError(f"UNet-- backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
         if merge not in ("add", "concat"):
             raise MedunetError(f"UNet-- merge must be 'add' or 'concat', got {merge!r}")
-        parts = BACKBONES[backbone](spatial_dims, in_channels, out_channels, merge, **backbone_kwargs)
+        build_parts, defaults = BACKBONES[backbone]
+        parts = build_parts(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, merge=merge,
+                            **{**defaults, **backbone_kwargs})
         skips = AggregatedSkips(
-            spatial_dims, parts.channels, parts.skip_levels, parts.skip_channels, target, agg_channels,
-            piece_channels, iem,
+            spatial_dims, parts.channels, parts.skip_levels, parts.skip_channels, target=target,
+            agg_channels=agg_channels, piece_channels=piece_channels, iem=iem,
         )
         super().__init__(spatial_dims, parts, skips, pad_input, deep_supervision)
 
 
 register_class(UNetMinus)
 #: Test size: the backbone's widths shrunk (NAFNet width 4, conv U-Net features 2); levels, blocks, targets stay.
-_TEST_SIZE_NAFNET = {"width": 4}
+_TEST_SIZE_NAFNET = {"features": 4}
 _TEST_SIZE_CONV = {"features": 2}
 # Each backbone preset with E' at its coarsest, intermediate and finest skip level. NAFNet (the paper's host):
 register_preset(

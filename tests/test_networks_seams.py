@@ -1,0 +1,162 @@
+"""The three seams combine: any block family x any width schedule x any skip strategy, by arguments alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medunet.errors import MedunetError
+from medunet.networks import LUNet, NAFNet, OneNet, UNetMinus, UNetSkeleton
+from medunet.networks.baselines import PadToDivisible
+from medunet.networks.conv_unet import conv_unet_parts
+from medunet.networks.layers import crop_spatial, pad_to_multiple
+from medunet.networks.nafnet import nafnet_parts
+from medunet.networks.onenet import onenet_parts
+from medunet.networks.skeleton import level_widths
+from medunet.networks.skips import AggregatedSkips, OrdinarySkips, SkipStrategy
+
+LIGHT = dict(encoder_blocks=(1, 1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1, 1))
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def nafnet_formula(widths: list[int], spatial_dims: int, in_channels: int, out_channels: int,
+                   encoder_blocks: tuple[int, ...], middle_blocks: int, decoder_blocks: tuple[int, ...]) -> int:
+    """NAFNet's parameters level by level: 3x3 intro and head, strided 2x2 down, bias-free 1x1 up, NAF blocks."""
+    taps, sub = 3**spatial_dims, 2**spatial_dims
+
+    def block(c: int) -> int:  # 7c^2 + 33c in 2D: the depthwise conv has 2c * 3**d taps
+        return 7 * c * c + (15 + 2 * taps) * c
+
+    counts = list(encoder_blocks) + [middle_blocks]
+    total = in_channels * widths[0] * taps + widths[0] + widths[0] * out_channels * taps + out_channels
+    for level, width in enumerate(widths):
+        total += counts[level] * block(width)
+        if level > 0:
+            total += widths[level - 1] * width * sub + width  # down
+            total += width * widths[level - 1] * sub  # up to level - 1
+            total += decoder_blocks[len(widths) - 1 - level] * block(widths[level - 1])
+    return total
+
+
+def onenet_ed_formula(widths: list[int], spatial_dims: int, in_channels: int, out_channels: int,
+                      stem_repeat: int = 3, spatial_kernel: int = 9) -> int:
+    """OneNet_ed's parameters level by level: pointwise conv + batch norm everywhere, one spatial filter per stage."""
+    sub, top = 2**spatial_dims, len(widths) - 1
+
+    def pw(cin: int, cout: int) -> int:  # 1x1 conv with bias, then batch norm (weight and bias)
+        return cin * cout + 3 * cout
+
+    spatial = spatial_kernel + 1
+    total = pw(in_channels, widths[0]) + (stem_repeat - 1) * pw(widths[0], widths[0])
+    for level in range(1, top + 1):
+        total += spatial + pw(sub * widths[level - 1], widths[level]) + pw(widths[level], widths[level])
+    total += pw(widths[top], sub * widths[top - 1])  # the coarsest feature, ready for the first pixel-shuffle
+    for level in range(top - 1, -1, -1):
+        block_in = 2 * widths[level] if level > 0 else widths[0]  # concat at every level but 0
+        block_out = sub * widths[level - 1] if level > 0 else widths[0]
+        total += spatial + pw(block_in, block_out) + pw(block_out, block_out)
+    return total + widths[0] * out_channels + out_channels
+
+
+def test_onenet_ed_formula_reproduces_the_paper_count() -> None:
+    """The per-level formula is right: it gives OneNet_ed,4's Table 2 count (2D, in 3, out 4, base 64)."""
+    assert onenet_ed_formula([64 * 2**level for level in range(5)], 2, 3, 4) == 9_073_876
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_lean_onenet_parameters_follow_its_width_schedule(spatial_dims: int) -> None:
+    lean = OneNet(spatial_dims, 1, 2, variant="ed", features=8, flat=True)
+    doubling = OneNet(spatial_dims, 1, 2, variant="ed", features=8)
+    assert n_params(lean) == onenet_ed_formula([8] * 5, spatial_dims, 1, 2)
+    assert n_params(doubling) == onenet_ed_formula([8, 16, 32, 64, 128], spatial_dims, 1, 2)
+    assert 10 * n_params(lean) < n_params(doubling)
+    explicit = OneNet(spatial_dims, 1, 2, variant="ed", widths=(8, 12, 16, 16, 16))
+    assert n_params(explicit) == onenet_ed_formula([8, 12, 16, 16, 16], spatial_dims, 1, 2)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_lean_nafnet_parameters_follow_its_width_schedule(spatial_dims: int) -> None:
+    lean = NAFNet(spatial_dims, 1, 2, features=8, flat=True, **LIGHT)
+    doubling = NAFNet(spatial_dims, 1, 2, features=8, **LIGHT)
+    assert n_params(lean) == nafnet_formula([8] * 5, spatial_dims, 1, 2, **LIGHT)
+    assert n_params(doubling) == nafnet_formula([8, 16, 32, 64, 128], spatial_dims, 1, 2, **LIGHT)
+    assert 20 * n_params(lean) < n_params(doubling)
+    sidd = dict(encoder_blocks=(2, 2, 4, 8), middle_blocks=12, decoder_blocks=(2, 2, 2, 2))
+    explicit = NAFNet(spatial_dims, 1, 2, widths=(4, 6, 8, 8, 8), **sidd)
+    assert n_params(explicit) == nafnet_formula([4, 6, 8, 8, 8], spatial_dims, 1, 2, **sidd)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "widths"),
+    [
+        (LUNet, dict(features=4, levels=4, flat=False), (4, 8, 16, 32)),
+        (OneNet, dict(variant="e", features=4, levels=3), (4, 8, 16, 32)),
+        (NAFNet, dict(features=4, encoder_blocks=(1, 1, 1), middle_blocks=1, decoder_blocks=(1, 1, 1)), (4, 8, 16, 32)),
+    ],
+)
+def test_explicit_doubling_widths_build_the_doubling_network(cls: type[nn.Module], kwargs: dict, widths: tuple) -> None:
+    by_schedule = cls(3, 1, 2, **kwargs).state_dict()
+    by_list = cls(3, 1, 2, **{**kwargs, "widths": widths}).state_dict()
+    assert {k: v.shape for k, v in by_list.items()} == {k: v.shape for k, v in by_schedule.items()}
+
+
+@pytest.mark.parametrize("backbone", ["unet", "nafnet", "onenet"])
+@pytest.mark.parametrize("schedule", [{"flat": True}, {"widths": (4, 4, 6, 8, 8)}])
+def test_every_block_family_takes_every_width_schedule_and_aggregated_skips(backbone: str, schedule: dict) -> None:
+    extra = {"unet": {"levels": 5}, "nafnet": LIGHT, "onenet": {"variant": "ed"}}[backbone]
+    net = UNetMinus(3, 1, 2, backbone=backbone, target="intermediate", features=4, **extra, **schedule).eval()
+    expected = [4] * 5 if "flat" in schedule else list(schedule["widths"])
+    assert [piece.reduce.in_channels for piece in net.skips.pieces] == [expected[level] for level in net.skips.skip_levels]
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 20, 24, 28)).shape == (1, 2, 20, 24, 28)
+
+
+def test_nafnet_still_takes_its_former_width_keyword() -> None:
+    """Run folders written before ``width`` became ``features`` record ``width``; they must still build."""
+    old = NAFNet(3, 1, 2, width=4, **LIGHT)
+    assert n_params(old) == n_params(NAFNet(3, 1, 2, features=4, **LIGHT))
+    assert n_params(UNetMinus(3, 1, 2, backbone="nafnet", width=4, **LIGHT)) == n_params(
+        UNetMinus(3, 1, 2, backbone="nafnet", features=4, **LIGHT))
+
+
+@pytest.mark.parametrize("builder", [conv_unet_parts, onenet_parts, nafnet_parts])
+def test_parts_builders_take_keywords_only(builder) -> None:
+    with pytest.raises(TypeError):
+        builder(3, 1, 2)
+    parts = builder(spatial_dims=3, in_channels=1, out_channels=2, features=2, flat=True)
+    assert set(parts.channels) == {2}
+
+
+def test_width_schedules_and_their_errors() -> None:
+    assert level_widths(features=8, levels=4) == [8, 16, 32, 64]
+    assert level_widths(features=8, levels=4, flat=True) == [8, 8, 8, 8]
+    assert level_widths(features=8, levels=None, widths=(16, 24, 32)) == [16, 24, 32]
+    with pytest.raises(MedunetError, match="5 positive level widths"):
+        NAFNet(3, 1, 2, widths=(8, 16, 32), **LIGHT)  # 4 downsamplings need 5 widths
+    with pytest.raises(MedunetError, match="at least 2"):
+        level_widths(features=8, levels=1)
+    with pytest.raises(MedunetError, match="positive"):
+        LUNet(3, 1, 2, widths=(8, 0, 8))
+
+
+def test_skip_strategies_share_one_protocol() -> None:
+    ordinary = OrdinarySkips([0, 1])
+    aggregated = AggregatedSkips(3, [4, 4, 4], [0, 1], {0: 4, 1: 4})
+    assert isinstance(ordinary, SkipStrategy) and isinstance(aggregated, SkipStrategy)
+    parts = conv_unet_parts(spatial_dims=3, in_channels=1, out_channels=2, features=2, levels=3)
+    with pytest.raises(MedunetError, match="SkipStrategy"):
+        UNetSkeleton(3, parts, nn.Identity())
+
+
+@pytest.mark.parametrize("size", [(19, 23), (16, 32), (19, 23, 21)])
+def test_one_padding_for_medunet_networks_and_monai_baselines(size: tuple[int, ...]) -> None:
+    x = torch.randn(1, 2, *size)
+    padded = pad_to_multiple(x, 8, min_size=24)
+    assert all(s % 8 == 0 and s >= 24 for s in padded.shape[2:])
+    assert torch.equal(crop_spatial(padded, list(size)), x)
+    wrapped = PadToDivisible(nn.Identity(), 8, min_size=24)
+    assert torch.equal(wrapped(x), x)
