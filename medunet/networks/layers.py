@@ -90,6 +90,43 @@ def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tens
     return x.reshape(b, out_channels, d * factor, h * factor, w * factor)
 
 
+def add_pixel_shuffled_(x: torch.Tensor, y: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tensor:
+    """``x += pixel_shuffle(y, spatial_dims, factor)`` in place, through a view of ``x``: no shuffled copy of ``y``.
+
+    The same sums as ``x + pixel_shuffle(y)``, element for element (bit-identical). ``x`` is written to, so use it
+    where nothing else reads ``x`` afterwards and autograd does not need it (an addition's backward does not).
+    """
+    if factor == 1 or not x.is_contiguous():
+        return x.add_(pixel_shuffle(y, spatial_dims, factor))
+    b, c = x.shape[0], x.shape[1]
+    if spatial_dims == 2:
+        h, w = x.shape[2] // factor, x.shape[3] // factor
+        # The index order of F.pixel_shuffle: y[c * f * f + i * f + j, h, w] lands at x[c, h * f + i, w * f + j].
+        x.view(b, c, h, factor, w, factor).add_(y.reshape(b, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3))
+        return x
+    d, h, w = x.shape[2] // factor, x.shape[3] // factor, x.shape[4] // factor
+    shuffled = y.reshape(b, c, factor, factor, factor, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # as pixel_shuffle
+    x.view(b, c, d, factor, h, factor, w, factor).add_(shuffled)
+    return x
+
+
+def run_releasing(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``module(inputs.pop())``, without keeping the input alive any longer than the layer that reads it.
+
+    The input is handed over in a list (emptied here) because a caller's variable, or ``nn.Module.__call__``'s
+    argument tuple, would keep it alive until the call returns. A plain ``nn.Sequential`` (MONAI's
+    ``Convolution`` and ``ADN`` are ones) is run child by child the same way, so that inside a conv block only one
+    layer's input and output are alive at a time, not every container's input as well. That is what it is for:
+    without autograd nothing else holds on to those tensors. The containers run this way are not called, so their
+    own hooks do not fire (their leaves' hooks do). Not TorchScript (it recurses over modules of any type).
+    """
+    if type(module).forward is nn.Sequential.forward:
+        for child in module:
+            inputs.append(run_releasing(child, inputs))
+        return inputs.pop()
+    return module(inputs.pop())
+
+
 def pad_to_multiple(x: torch.Tensor, divisor: int, min_size: int = 0) -> torch.Tensor:
     """Zero-pad each spatial axis at its end up to a multiple of ``divisor`` (and at least ``min_size``).
 

@@ -33,7 +33,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import crop_spatial, pad_to_multiple
+from medunet.networks.layers import crop_spatial, pad_to_multiple, run_releasing
 from medunet.networks.skips import SkipStrategy
 
 MERGE_MODES = ("concat", "add", "none")
@@ -225,6 +225,9 @@ class UNetSkeleton(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        supervised = self.training and self.deep_supervision > 0
+        if not torch.is_grad_enabled() and not supervised and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._forward_releasing(x)
         spatial = x.shape[2:]
         x = self._pad(x)
         state: list[torch.Tensor] = []
@@ -232,7 +235,6 @@ class UNetSkeleton(nn.Module):
             x = stage(x)
             state = self.skips(level, x, state)
         top = len(self.decoder) - 1
-        supervised = self.training and self.deep_supervision > 0
         features: list[torch.Tensor] = []  # decoder outputs the heads read, coarsest first
         for i, stage in enumerate(self.decoder):
             x = stage.up(x)
@@ -250,6 +252,43 @@ class UNetSkeleton(nn.Module):
             x = torch.stack(outputs, dim=1)
         # The trailing axes are spatial, also in the stacked deep-supervision output.
         return crop_spatial(x, spatial)
+
+    @torch.jit.unused
+    def _forward_releasing(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` without autograd (``torch.no_grad()``, ``torch.inference_mode()``), freeing as it goes.
+
+        The same layers on the same tensors, in the same order, so the output is the same, bit for bit. Two things
+        differ, both for the peak memory of inference:
+
+        - every tensor is handed from layer to layer in one list, never kept in a variable, and the stages' plain
+          ``nn.Sequential`` containers are run child by child (:func:`~medunet.networks.layers.run_releasing`):
+          a stage's input is freed as soon as its first layer has its output, not when the whole stage returns;
+        - a level that adds its skip (``merge="add"``) asks the skip strategy to add it into the decoder feature
+          (``add_into``, if the strategy has it: UNet--'s IEM adds through a pixel-shuffled view, no copy).
+
+        With autograd none of this saves anything (the graph keeps what backward needs), so training runs the plain
+        loop above. TorchScript and the ONNX tracer also take the plain loop: this one recurses over modules of
+        any type and reads the module classes, which TorchScript cannot compile, and in-place adds into a view
+        are not something an exported graph needs.
+        """
+        spatial = x.shape[2:]
+        slot = [self._pad(x)]  # the one reference to the tensor in flight
+        del x  # the caller's input stays alive in the caller; a padded copy dies in the first stage
+        state: list[torch.Tensor] = []
+        for level, stage in enumerate(self.encoder):
+            slot.append(run_releasing(stage, slot))
+            state = self.skips(level, slot[0], state)
+        add_into = getattr(self.skips, "add_into", None)
+        top = len(self.decoder) - 1
+        for i, stage in enumerate(self.decoder):
+            slot.append(run_releasing(stage.up, slot))
+            if stage.has_skip:
+                if stage.merge == "add" and add_into is not None:
+                    slot.append(add_into(top - i, slot.pop(), state))
+                else:
+                    slot.append(stage.join(slot.pop(), self.skips.expand(top - i, state)))
+            slot.append(run_releasing(stage.blocks, slot))
+        return crop_spatial(run_releasing(self.head, slot), spatial)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         divisor = self.size_divisor

@@ -5,6 +5,10 @@ Both strategies share one interface, :class:`SkipStrategy`, called by :class:`~m
 - ``forward(level, feature, state) -> state`` as each encoder feature is produced;
 - ``expand(level, state) -> skip`` when decoder level ``level`` needs its skip.
 
+Optionally, ``add_into(level, x, state) -> x + skip``: the same sum computed into ``x``, which the skeleton uses
+at inference (no autograd) where a decoder level adds its skip (``merge="add"``); a strategy without it is asked
+for ``expand`` and the skeleton adds.
+
 ``state`` is the list of tensors the strategy keeps alive between the two: that list *is* the skip
 memory, and the profiler measures it by hooking ``forward``.
 
@@ -20,10 +24,11 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import pixel_shuffle, pixel_unshuffle, pointwise
+from medunet.networks.layers import add_pixel_shuffled_, pixel_shuffle, pixel_unshuffle, pointwise
 
 TARGETS = ("coarsest", "intermediate", "finest")
 IEM_MODES = ("enhanced", "plain")
@@ -149,13 +154,61 @@ class IEMExpand(nn.Module):
         self.gate = pointwise(spatial_dims, channels, channels) if self.enhanced else nn.Identity()
 
     def forward(self, aggregate: torch.Tensor) -> torch.Tensor:
-        x = aggregate
-        if self.enhanced:
-            x = x + self.refine(x)
-            x = x * torch.sigmoid(self.gate(x.mean(dim=list(range(2, x.dim())), keepdim=True)))
+        x = self.enhance(aggregate)
         if self.steps > 0:
             return self.resize(self.project(x))
         return self.project(self.resize(x))
+
+    def enhance(self, aggregate: torch.Tensor, in_place: bool = False, keep_aggregate: bool = True) -> torch.Tensor:
+        """E' refined and gated (``mode="enhanced"``; else E' itself).
+
+        ``in_place`` (inference only: the backward of the refinement and of the gate need their inputs) writes the
+        sum and the gated product into the refinement's fresh output, or, if not ``keep_aggregate``, into E'
+        itself. The same sums and products as out of place, bit for bit.
+        """
+        if not self.enhanced:
+            return aggregate
+        refined = self.refine(aggregate)
+        if not in_place:
+            x = aggregate + refined
+        elif keep_aggregate:
+            x = refined.add_(aggregate)
+        else:
+            x = aggregate.add_(refined)
+        del refined
+        gate = torch.sigmoid(self.gate(x.mean(dim=list(range(2, x.dim())), keepdim=True)))
+        return x.mul_(gate) if in_place else x * gate
+
+    def add_into(self, x: torch.Tensor, held: list[torch.Tensor], last: bool) -> torch.Tensor:
+        """``x + self(E')`` written into ``x``, at inference (no autograd): E' is ``held[0]``, handed over.
+
+        Finer than E' (``steps > 0``), the projection is added through a pixel-shuffled view of ``x``
+        (:func:`~medunet.networks.layers.add_pixel_shuffled_`): no shuffled copy, which at the finest level is as
+        large as the skip itself. The enhancement runs in place (:meth:`enhance`); ``last``: nothing reads E'
+        after this level, so it is enhanced in E' itself and released as soon as it is projected. The sums are those of ``forward`` in the same order: bit-identical.
+        """
+        aggregate = self.enhance(held.pop(), in_place=True, keep_aggregate=not last)
+        if self.steps > 0:
+            projection = self.project(aggregate)
+            del aggregate
+            return add_pixel_shuffled_(x, projection, self.resize.spatial_dims, self.resize.factor)
+        skip = self.project_coarser(aggregate) if self.steps < 0 else self.project(aggregate)
+        del aggregate
+        return x.add_(skip)
+
+    def project_coarser(self, aggregate: torch.Tensor) -> torch.Tensor:
+        """``project(resize(E'))`` for a level coarser than E', without the pixel-unshuffled copy of E'.
+
+        A pixel-unshuffle by ``f`` followed by a 1x1 conv is one kernel-``f``, stride-``f`` conv whose weights are
+        the 1x1 weights reshaped (the unshuffled channels are channel-major, then the sub-pixel offsets, which is
+        a conv weight's ``(in, *kernel)`` order). ``project`` keeps its 1x1 weights, so checkpoints are unchanged;
+        the sums run in another order, so the result differs from ``forward``'s by float rounding.
+        """
+        factor, dims = self.resize.factor, self.resize.spatial_dims
+        weight = self.project.weight
+        kernel = weight.view(weight.shape[0], weight.shape[1] // factor**dims, *[factor] * dims)
+        conv = F.conv2d if dims == 2 else F.conv3d
+        return conv(aggregate, kernel, self.project.bias, stride=factor)
 
 
 class AggregatedSkips(nn.Module):
@@ -221,3 +274,13 @@ class AggregatedSkips(nn.Module):
             if self.skip_levels[i] == level:
                 out = expander(aggregate)
         return out
+
+    def add_into(self, level: int, x: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """``x + expand(level, state)``, computed into ``x`` without a full-size shuffled copy (inference only:
+        see :meth:`IEMExpand.add_into`). At the finest skip level E' leaves ``state`` and is enhanced in place."""
+        last = level == self.last_level
+        held = [state.pop()] if last else [state[0]]
+        for i, expander in enumerate(self.expanders):
+            if self.skip_levels[i] == level:
+                return expander.add_into(x, held, last)
+        return x
