@@ -1,6 +1,9 @@
 """Proposed inference-time forward changes for UNet-- (issue 14), tried by monkeypatching (medunet/networks is
 untouched), measured with medunet.profiling.timeline; each patched output is checked against the original forward.
 
+Written against commit cf29a36. Changes eager and iem are in the package since (README.md, "After the change"), so at
+later commits the "as is" step measures the new forward: check out cf29a36 to reproduce proposed.json.
+
     python benchmarks/timeline/proposed_forward.py 1x1x128x128x128 lunet_small_16f_unshuffle \
         unetmm_lunet_small_16f_unshuffle_intermediate --out benchmarks/timeline
 
