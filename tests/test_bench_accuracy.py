@@ -101,10 +101,10 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
         assert "Epoch" in (out / "runs" / name / "train.log").read_text(encoding="utf-8")
     assert all(0.0 <= float(row["dice_organ"]) <= 1.0 and 0.0 <= float(row["dice_lesion"]) <= 1.0 for row in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (results.parent / "pareto.png").is_file()
+    assert (results.parent / f"{results.stem}_pareto.png").is_file()  # beside the results, named after them
 
     text = results.read_text(encoding="utf-8")
-    assert "## Efficiency" in text and "## Accuracy" in text and "](pareto.png)" in text
+    assert "## Efficiency" in text and "## Accuracy" in text and f"]({results.stem}_pareto.png)" in text
     efficiency, accuracy = text.split("## Efficiency", 1)[1].split("## Accuracy", 1)
     assert re.search(r"\| lunet_small_2f +\| [\d.]+k \(0\.\d+x\)", efficiency)  # params with ratio to the baseline
     assert "dice_organ" in accuracy and "dice_lesion" in accuracy

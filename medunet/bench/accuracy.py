@@ -26,7 +26,7 @@ Commands (from the repository root, with ``../shared/data/Task04_Hippocampus`` i
     # quick check, minutes on a laptop CPU: 4 networks, 2 epochs x 4 iterations each
     medunet bench --quick --accuracy --out benchmarks/quick --results benchmarks/quick/RESULTS.md
 
-    # the full benchmark (GPU advised: 11 networks x 4,000 iterations), the table kept in the repository
+    # the full benchmark (GPU advised: 13 networks x 4,000 iterations), the table kept in the repository
     medunet bench --accuracy --jobs 8 --out benchmarks/latest --results benchmarks/RESULTS.md
 """
 
@@ -112,8 +112,10 @@ ACCURACY_NETWORKS = (
     "monai_segresnet",
     "lunet_small_16f",
     "lunet_small_16f_unshuffle",
+    "lunet_small_16f_unshuffle_wide",
     "unet_small_8f_unshuffle",
     "unetmm_unet_small_8f_unshuffle_coarsest",
+    "unetmm_lunet_small_16f_unshuffle_coarsest",
     "unetmm_lunet_small_16f_unshuffle_intermediate",
     "unetmm_lunet_small_16f_unshuffle_intermediate_wide",
     "unetmm_lunet_small_16f_unshuffle_intermediate_wider",

@@ -268,7 +268,8 @@ def _write_results(
     args: argparse.Namespace, command: str, results: list[Any], rows: list[dict[str, Any]] | None,
     accuracy: dict[str, Any] | None, plot: Path | None, folds: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """``--results FILE``: the results markdown, with the Pareto plot copied beside it."""
+    """``--results FILE``: the results markdown, with the Pareto plot copied beside it as ``<FILE stem>_pareto.png``
+    (so results files in one folder, e.g. RESULTS.md and RESULTS_cpu.md, keep their own plots)."""
     from medunet.bench.results import results_report
 
     path: Path = args.results
@@ -276,7 +277,7 @@ def _write_results(
     written = [path]
     embedded = None
     if plot is not None:
-        beside = path.parent / plot.name
+        beside = path.parent / f"{path.stem}_{plot.name}"
         if beside.resolve() != plot.resolve():
             shutil.copyfile(plot, beside)
             written.append(beside)
