@@ -75,6 +75,7 @@ from medunet.engines.checkpoint import (
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.engines.guards import NonFiniteLossGuard
+from medunet.engines.inference import TTA_MODES, ProbabilityAverage
 from medunet.engines.losses import StackedDeepSupervisionLoss, deep_supervision_heads
 from medunet.environment import device_description
 from medunet.errors import MedunetError
@@ -130,6 +131,8 @@ class SegmentationTraining:
         num_workers: data-loader worker processes.
         sw_batch_size: windows per forward pass in sliding-window validation.
         sw_overlap: sliding-window overlap.
+        val_tta: test-time mirroring in validation: None (default) or ``"flip"`` (every mirroring of each window,
+            as ``medunet infer --tta flip``; 2**dims times the validation cost).
         early_stop_patience: stop after this many validations without improvement; 0 disables.
         amp: mixed precision (only used on CUDA).
         device: compute device; default ``cuda:LOCAL_RANK`` when available, else CPU.
@@ -174,6 +177,7 @@ class SegmentationTraining:
         num_workers: int = 0,
         sw_batch_size: int = 4,
         sw_overlap: float = 0.25,
+        val_tta: str | None = None,
         early_stop_patience: int = 0,
         amp: bool = True,
         device: str | torch.device | None = None,
@@ -195,6 +199,8 @@ class SegmentationTraining:
         if epoch_length is not None:
             check_int(epoch_length, "epoch_length", 1, fix="Fix: --set epoch_length=50 (null: one pass over the data).")
         check_number(sw_overlap, "sw_overlap", 0.0, 1.0, fix="Fix: --set sw_overlap=0.25.")
+        if val_tta is not None:
+            check_choice(val_tta, "val_tta", [mode for mode in TTA_MODES if mode], fix="Fix: --set val_tta=flip (or null).")
         check_choice(cache, "cache", ("memory", "disk", "none"), fix="Fix: --set cache=memory (or disk, none).")
         check_choice(augment, "augment", AUGMENTATIONS, fix="Fix: --set augment=nnunet (or light, none).")
         if patch_size is not None:
@@ -232,6 +238,7 @@ class SegmentationTraining:
         self.num_workers = int(num_workers)
         self.sw_batch_size = int(sw_batch_size)
         self.sw_overlap = float(sw_overlap)
+        self.val_tta = val_tta
         self.early_stop_patience = int(early_stop_patience)
         self.amp = bool(amp)
         self.device = device
@@ -304,7 +311,10 @@ class SegmentationTraining:
         evaluator = SupervisedEvaluator(
             device=context.device,
             val_data_loader=val_loader,
-            network=network,  # the unwrapped module: validation needs no gradient sync between ranks
+            # The unwrapped module (validation needs no gradient sync between ranks), over its mirrored inputs with
+            # val_tta="flip" (test-time mirroring: the mean softmax of all flips, whose argmax is the prediction).
+            network=ProbabilityAverage([network], tta=self.val_tta, spatial_dims=len(preset.patch_size))
+            if self.val_tta else network,
             inferer=SlidingWindowInferer(roi_size=preset.patch_size, sw_batch_size=self.sw_batch_size,
                                          overlap=self.sw_overlap, mode="gaussian"),
             postprocessing=Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=out_channels),
@@ -407,7 +417,7 @@ class SegmentationTraining:
             "num_samples": self.num_samples,
             "epoch_length": self.epoch_length,
             "sliding_window": {"roi_size": list(preset.patch_size), "sw_batch_size": self.sw_batch_size,
-                               "overlap": self.sw_overlap, "mode": "gaussian"},
+                               "overlap": self.sw_overlap, "mode": "gaussian", "tta": self.val_tta},
             "early_stop_patience": self.early_stop_patience,
             "amp": amp,
             "seed": self.seed,

@@ -117,14 +117,23 @@ def run_releasing(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor
     argument tuple, would keep it alive until the call returns. A plain ``nn.Sequential`` (MONAI's
     ``Convolution`` and ``ADN`` are ones) is run child by child the same way, so that inside a conv block only one
     layer's input and output are alive at a time, not every container's input as well. That is what it is for:
-    without autograd nothing else holds on to those tensors. The containers run this way are not called, so their
-    own hooks do not fire (their leaves' hooks do). Not TorchScript (it recurses over modules of any type).
+    without autograd nothing else holds on to those tensors. A container with hooks of its own (or while global
+    module hooks are set) is called as usual instead, so every hook fires as it would without this; that container
+    then keeps its input until it returns. Not TorchScript (it recurses over modules of any type).
     """
-    if type(module).forward is nn.Sequential.forward:
+    if type(module).forward is nn.Sequential.forward and not _has_hooks(module):
         for child in module:
             inputs.append(run_releasing(child, inputs))
         return inputs.pop()
     return module(inputs.pop())
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook: its own, or a global one (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int, min_size: int = 0) -> torch.Tensor:
