@@ -238,18 +238,16 @@ def test_validation_with_test_time_mirroring_scores_the_mean_of_the_flipped_pred
     datalist = json.loads((tiny_task / "folds.json").read_text(encoding="utf-8"))
     preset = preset_for_task(load_task(tiny_task))
     inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=2, overlap=0.25, mode="gaussian")
-    dice, plain = DiceMetric(include_background=False), DiceMetric(include_background=False)
+    dice = DiceMetric(include_background=False)
     for case in (c for c in datalist["training"] if c["fold"] == 0):
         data = val_transforms(preset)({"image": str(tiny_task / case["image"]), "label": str(tiny_task / case["label"])})
         image, label = data["image"][None], one_hot(data["label"][None], 3)
         with torch.no_grad():
             flipped = inferer(image, ProbabilityAverage([network], tta="flip")).argmax(1, keepdim=True)
-            unflipped = inferer(image, network).argmax(1, keepdim=True)
         dice(one_hot(flipped, 3), label)
-        plain(one_hot(unflipped, 3), label)
+    # Equal to the mirrored score. (Whether the plain score differs depends on how far the 8 iterations got: in a
+    # fresh-clone run both were 0.0343, so that is not asserted.)
     assert scored == pytest.approx(float(dice.aggregate().mean()), abs=1e-5)
-    # Half-trained, the network is not mirror-symmetric: the plain score differs, so the check above can fail.
-    assert scored != pytest.approx(float(plain.aggregate().mean()), abs=1e-5)
 
     with pytest.raises(MedunetError, match="val_tta"):
         run_workflow(DEMO_WORKFLOW, {**tiny_settings(tiny_task, tmp_path / "bad"), "val_tta": "rotate"})
