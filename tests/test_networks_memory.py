@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medunet.networks import UNetSkeleton, create_network, get_preset
-from medunet.networks.layers import add_pixel_shuffled_, crop_spatial, pixel_shuffle, pixel_unshuffle
+from medunet.networks.layers import add_pixel_shuffled_, pixel_shuffle, pixel_unshuffle
 from medunet.networks.skips import AggregatedSkips
 from medunet.profiling.timeline import record_timeline
 
@@ -28,20 +28,8 @@ PRESETS = [
 
 
 def plain_forward(net: UNetSkeleton, x: torch.Tensor) -> torch.Tensor:
-    """The reference composition: each stage called as a whole on a variable the loop keeps, skips by ``expand``."""
-    spatial = x.shape[2:]
-    x = net._pad(x)
-    state: list[torch.Tensor] = []
-    for level, stage in enumerate(net.encoder):
-        x = stage(x)
-        state = net.skips(level, x, state)
-    top = len(net.decoder) - 1
-    for i, stage in enumerate(net.decoder):
-        x = stage.up(x)
-        if stage.has_skip:
-            x = stage.join(x, net.skips.expand(top - i, state))
-        x = stage.blocks(x)
-    return crop_spatial(net.head(x), spatial)
+    """The reference composition: the skeleton's plain loop (each stage called as a whole, skips by ``expand``)."""
+    return net._forward_plain(x)
 
 
 def has_level_coarser_than_aggregate(net: nn.Module) -> bool:

@@ -228,6 +228,11 @@ class UNetSkeleton(nn.Module):
         supervised = self.training and self.deep_supervision > 0
         if not torch.is_grad_enabled() and not supervised and not torch.jit.is_scripting() and not torch.jit.is_tracing():
             return self._forward_releasing(x)
+        return self._forward_plain(x, supervised)
+
+    def _forward_plain(self, x: torch.Tensor, supervised: bool = False) -> torch.Tensor:
+        """The forward as a plain loop (training, TorchScript, ONNX export): each stage called on a variable, the
+        skips by ``expand``; ``supervised`` adds the deep-supervision outputs."""
         spatial = x.shape[2:]
         x = self._pad(x)
         state: list[torch.Tensor] = []
