@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medunet.errors import MedunetError
 from medunet.networks.layers import (
     ActType,
     DropoutType,
+    MaxPoolHalving,
     NormType,
     PixelShuffle,
     PixelUnshuffle,
@@ -72,7 +73,7 @@ class ConvBlocks(UNetBlocks):
     def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
         d = self.spatial_dims
         if level > 0:
-            return nn.Sequential(Pool[Pool.MAX, d](2), self.block(widths[level - 1], widths[level]))
+            return nn.Sequential(MaxPoolHalving(d), self.block(widths[level - 1], widths[level]))
         first = self.block(in_channels * self.scale, widths[0])
         return nn.Sequential(PixelUnshuffle(d, 2), first) if self.scale > 1 else first
 

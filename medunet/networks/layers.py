@@ -96,17 +96,20 @@ def add_pixel_shuffled_(x: torch.Tensor, y: torch.Tensor, spatial_dims: int, fac
     The same sums as ``x + pixel_shuffle(y)``, element for element (bit-identical). ``x`` is written to, so use it
     where nothing else reads ``x`` afterwards and autograd does not need it (an addition's backward does not).
     """
-    if factor == 1 or not x.is_contiguous():
-        return x.add_(pixel_shuffle(y, spatial_dims, factor))
+    if factor == 1:
+        return x.add_(y)
     b, c = x.shape[0], x.shape[1]
+    # Splitting each spatial axis into (size / f, f) is a view of any strided tensor, so ``x`` may itself be a view
+    # (a slab of a larger tensor) and the sum still lands in its storage.
     if spatial_dims == 2:
         h, w = x.shape[2] // factor, x.shape[3] // factor
         # The index order of F.pixel_shuffle: y[c * f * f + i * f + j, h, w] lands at x[c, h * f + i, w * f + j].
-        x.view(b, c, h, factor, w, factor).add_(y.reshape(b, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3))
+        x.unflatten(3, (w, factor)).unflatten(2, (h, factor)).add_(
+            y.reshape(b, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3))
         return x
     d, h, w = x.shape[2] // factor, x.shape[3] // factor, x.shape[4] // factor
     shuffled = y.reshape(b, c, factor, factor, factor, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # as pixel_shuffle
-    x.view(b, c, d, factor, h, factor, w, factor).add_(shuffled)
+    x.unflatten(4, (w, factor)).unflatten(3, (h, factor)).unflatten(2, (d, factor)).add_(shuffled)
     return x
 
 
@@ -156,6 +159,28 @@ def crop_spatial(x: torch.Tensor, spatial: list[int]) -> torch.Tensor:
     if len(spatial) == 2:
         return x[..., : spatial[0], : spatial[1]]
     return x[..., : spatial[0], : spatial[1], : spatial[2]]
+
+
+class MaxPoolHalving(nn.Module):
+    """Max pooling with kernel 2 and stride 2 (``torch.nn.MaxPool2d/3d(2)``), lighter at inference.
+
+    Without autograd (and outside TorchScript and the ONNX tracer, which get the usual ``max_pool``), an input of
+    even size is pooled as a max over a view that splits every axis into (size / 2, 2). The result is the same,
+    element for element, but the CPU kernel of ``max_pool3d`` also makes the int64 indices of the maxima, twice
+    the size of its output, and at the finest level those sit on the peak of a lean network's inference.
+    """
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        even = all(size % 2 == 0 for size in x.shape[2:])
+        if even and not torch.is_grad_enabled() and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            for axis in range(x.dim() - 1, 1, -1):
+                x = x.unflatten(axis, (x.shape[axis] // 2, 2))
+            return x.amax(dim=[3 + 2 * i for i in range(self.spatial_dims)])
+        return F.max_pool2d(x, 2) if self.spatial_dims == 2 else F.max_pool3d(x, 2)
 
 
 class PixelUnshuffle(nn.Module):

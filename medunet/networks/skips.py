@@ -32,6 +32,20 @@ from medunet.networks.layers import add_pixel_shuffled_, pixel_shuffle, pixel_un
 
 TARGETS = ("coarsest", "intermediate", "finest")
 IEM_MODES = ("enhanced", "plain")
+#: At inference, a full-size term is added into E' or into a decoder feature this many slabs at a time (along the
+#: first spatial axis), so that only a slab of it, not the whole, is alive beside its destination.
+INFERENCE_SLABS = 16
+
+
+def slab_bounds(size: int, multiple: int = 1, slabs: int = INFERENCE_SLABS) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(size)``: about ``slabs`` of them, each starting at a multiple of
+    ``multiple`` (so a stride-``multiple`` conv or a pixel-(un)shuffle by ``multiple`` maps slab to slab)."""
+    step = max(multiple, math.ceil(size / slabs / multiple) * multiple)
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _conv(dims: int):
+    return F.conv2d if dims == 2 else F.conv3d
 
 
 @runtime_checkable
@@ -125,6 +139,49 @@ class MSIAMPiece(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.resize(self.reduce(feature)))
 
+    def add_into(self, aggregate: torch.Tensor | None, feature: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``aggregate + self(feature)`` written into ``aggregate`` (``None``: a new E' holding ``bias``), at
+        inference (no autograd), without the full-size intermediates of :meth:`forward`.
+
+        The three linear steps are folded into as few convolutions as the resolutions allow, with the module's own
+        weights (checkpoints are unchanged); the sums run in another order, so the result differs from
+        ``aggregate + forward(feature)`` by float rounding:
+
+        - a level coarser than E' (pixel-shuffled up): reduce and fuse are one 1x1 conv at the coarse level, whose
+          output channels are E''s channels per sub-pixel offset; it is added through a pixel-shuffled view of E',
+          one slab at a time (:func:`slab_bounds`), so neither the expanded piece nor its shuffled copy, each as large
+          as E', is ever whole;
+        - the level of E': reduce and fuse are one 1x1 conv, added one slab at a time;
+        - a finer level (pixel-unshuffled down): reduce at the fine resolution (few channels), then unshuffle and
+          fuse as one stride-f conv (as :meth:`IEMExpand.project_coarser`).
+        """
+        dims = feature.dim() - 2
+        conv, factor = _conv(dims), self.resize.factor
+        fuse = self.fuse.weight.flatten(1)  # (E' channels, piece channels)
+        reduce_weight, reduce_bias = self.reduce.weight.flatten(1), self.reduce.bias
+        kernel = [1] * dims
+        if aggregate is None:
+            steps = self.resize.steps
+            spatial = [s * factor for s in feature.shape[2:]] if steps < 0 else (
+                [s // factor for s in feature.shape[2:]] if steps > 0 else list(feature.shape[2:]))
+            aggregate = bias.view(1, -1, *kernel).expand(feature.shape[0], -1, *spatial).clone()
+        if self.resize.steps > 0:
+            weight = self.fuse.weight.view(fuse.shape[0], fuse.shape[1] // factor**dims, *[factor] * dims)
+            return aggregate.add_(conv(self.reduce(feature), weight, None, stride=factor))
+        if self.resize.steps == 0:
+            weight, shift = (fuse @ reduce_weight).view(-1, reduce_weight.shape[1], *kernel), fuse @ reduce_bias
+            for start, stop in slab_bounds(feature.shape[2]):
+                aggregate[:, :, start:stop].add_(conv(feature[:, :, start:stop], weight, shift))
+            return aggregate
+        scale = factor**dims
+        weight = torch.einsum("ap,psi->asi", fuse, reduce_weight.view(fuse.shape[1], scale, -1))
+        weight = weight.reshape(-1, reduce_weight.shape[1], *kernel)
+        shift = torch.einsum("ap,ps->as", fuse, reduce_bias.view(fuse.shape[1], scale)).reshape(-1)
+        for start, stop in slab_bounds(feature.shape[2]):
+            add_pixel_shuffled_(aggregate[:, :, start * factor:stop * factor],
+                                conv(feature[:, :, start:stop], weight, shift), dims, factor)
+        return aggregate
+
 
 class IEMExpand(nn.Module):
     """IEM for one decoder level: enhance E', resize it to the level and project it to the level's width.
@@ -187,14 +244,48 @@ class IEMExpand(nn.Module):
         large as the skip itself. The enhancement runs in place (:meth:`enhance`); ``last``: nothing reads E'
         after this level, so it is enhanced in E' itself and released as soon as it is projected. The sums are those of ``forward`` in the same order: bit-identical.
         """
-        aggregate = self.enhance(held.pop(), in_place=True, keep_aggregate=not last)
         if self.steps > 0:
+            aggregate = self.enhance(held.pop(), in_place=True, keep_aggregate=not last)
             projection = self.project(aggregate)
             del aggregate
             return add_pixel_shuffled_(x, projection, self.resize.spatial_dims, self.resize.factor)
-        skip = self.project_coarser(aggregate) if self.steps < 0 else self.project(aggregate)
-        del aggregate
-        return x.add_(skip)
+        # At E''s level or coarser, E' is as large as the level's feature or larger: enhance and project it one slab
+        # at a time (two passes when enhanced: the gate needs the mean of the whole enhanced E' first), and leave
+        # E' itself unchanged. Only the slabs are made, never an enhanced copy of E'.
+        aggregate = held.pop()
+        factor = self.resize.factor
+        bounds = slab_bounds(aggregate.shape[2], factor)
+        gate = self._gate_by_slabs(aggregate, bounds) if self.enhanced else None
+        for start, stop in bounds:
+            part = self._enhanced_slab(aggregate, start, stop, gate)
+            x[:, :, start // factor:stop // factor].add_(
+                self.project(part) if self.steps == 0 else self.project_coarser(part))
+            del part  # before the next slab is made
+        return x
+
+    def _refined_slab(self, aggregate: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``refine(aggregate)[:, :, start:stop]`` from that slab and its halo (zero padding at E''s borders)."""
+        dims = aggregate.dim() - 2
+        halo, size = int(self.refine.padding[0]), aggregate.shape[2]
+        low, high = max(start - halo, 0), min(stop + halo, size)
+        window = F.pad(aggregate[:, :, low:high], [0, 0] * (dims - 1) + [halo - (start - low), halo - (high - stop)])
+        return _conv(dims)(window, self.refine.weight, self.refine.bias, padding=[0] + [halo] * (dims - 1),
+                           groups=self.refine.groups)
+
+    def _gate_by_slabs(self, aggregate: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`enhance`'s channel gate, the mean of ``E' + refine(E')`` summed slab by slab."""
+        spatial = list(range(2, aggregate.dim()))
+        total = torch.zeros(aggregate.shape[:2], dtype=aggregate.dtype, device=aggregate.device)
+        for start, stop in bounds:
+            total += self._refined_slab(aggregate, start, stop).add_(aggregate[:, :, start:stop]).sum(dim=spatial)
+        mean = (total / math.prod(aggregate.shape[2:])).view(*aggregate.shape[:2], *[1] * len(spatial))
+        return torch.sigmoid(self.gate(mean))
+
+    def _enhanced_slab(self, aggregate: torch.Tensor, start: int, stop: int, gate: torch.Tensor | None) -> torch.Tensor:
+        part = aggregate[:, :, start:stop]
+        if gate is None:
+            return part
+        return self._refined_slab(aggregate, start, stop).add_(part).mul_(gate)
 
     def project_coarser(self, aggregate: torch.Tensor) -> torch.Tensor:
         """``project(resize(E'))`` for a level coarser than E', without the pixel-unshuffled copy of E'.
@@ -255,6 +346,13 @@ class AggregatedSkips(nn.Module):
         self.last_level = self.skip_levels[0]
 
     def forward(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not torch.is_grad_enabled() and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._forward_inference(level, feature, state)
+        return self._forward_plain(level, feature, state)
+
+    def _forward_plain(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``forward`` as written in the paper's terms (training, TorchScript, ONNX): each piece made whole, then
+        summed into a new E'."""
         for i, piece in enumerate(self.pieces):
             if self.skip_levels[i] == level:
                 contribution = piece(feature)
@@ -263,6 +361,16 @@ class AggregatedSkips(nn.Module):
                     state.append(contribution + self.fuse_bias.view(shape))
                 else:
                     state[0] = state[0] + contribution
+        return state
+
+    @torch.jit.unused
+    def _forward_inference(self, level: int, feature: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``forward`` without autograd: each piece is added into E' in place (:meth:`MSIAMPiece.add_into`), so E'
+        is the only full-size tensor MSIAM holds. The same sums up to float rounding."""
+        for i, piece in enumerate(self.pieces):
+            if self.skip_levels[i] == level:
+                aggregate = state.pop() if state else None
+                state.append(piece.add_into(aggregate, feature, self.fuse_bias))
         return state
 
     def expand(self, level: int, state: list[torch.Tensor]) -> torch.Tensor:
