@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from medunet.errors import MedunetError
+from medunet.networks.layers import use_onednn_convs
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class NetworkPreset:
     test_overrides: dict[str, Any] = field(default_factory=dict)
 
     def build(self, **overrides: Any) -> nn.Module:
-        return self.factory(**{**self.defaults, **overrides})
+        return use_onednn_convs(self.factory(**{**self.defaults, **overrides}))
 
 
 _PRESETS: dict[str, NetworkPreset] = {}

@@ -1,0 +1,69 @@
+"""Registry-built 3D networks run their convolutions with oneDNN on the CPU, where ATen would fall back to its
+slow im2col kernel for a single small input (``medunet.networks.layers.OneDNNConv3d``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medunet.networks import create_network, get_preset
+from medunet.networks.layers import OneDNNConv3d, use_onednn_convs
+from medunet.profiling.profiler import count_macs
+from medunet.profiling.timeline import record_timeline
+
+
+def conv(**options) -> nn.Conv3d:
+    torch.manual_seed(0)
+    return nn.Conv3d(16, 8, 3, **options)
+
+
+@pytest.mark.parametrize("options", [{"padding": 1}, {"stride": 2}, {"padding": 2, "dilation": 2}, {"groups": 4}])
+def test_onednn_conv_computes_the_same_convolution_and_gradients(options: dict) -> None:
+    reference = conv(**options)
+    fast = use_onednn_convs(nn.Sequential(conv(**options)))[0]
+    assert type(fast) is OneDNNConv3d
+    x = torch.randn(1, 16, 20, 12, 16, requires_grad=True)  # 1 x 16 x 20 x 12 = 3840 <= 20480: ATen's native kernel
+    expected, out = reference(x), fast(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad),
+                    torch.autograd.grad(out, (x, fast.weight, fast.bias), grad)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_other_padding_modes_keep_the_ordinary_convolution() -> None:
+    reference = conv(padding=1, padding_mode="reflect")
+    fast = use_onednn_convs(nn.Sequential(conv(padding=1, padding_mode="reflect")))[0]
+    x = torch.randn(1, 16, 8, 8, 8)
+    assert torch.equal(fast(x), reference(x))
+
+
+@pytest.mark.parametrize("name", ["lunet_small_16f_unshuffle", "monai_unet_spleen", "unetmm_lunet_small_16f_unshuffle_finest"])
+def test_registry_networks_use_it_and_keep_their_outputs_and_checkpoints(name: str) -> None:
+    torch.manual_seed(0)
+    net = create_network(name, spatial_dims=3, in_channels=1, out_channels=3, **get_preset(name).test_overrides).eval()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and not isinstance(m, nn.ConvTranspose3d)]
+    assert convs and all(type(m) is OneDNNConv3d for m in convs)  # the MONAI baselines too: the comparison stays fair
+    plain = get_preset(name).factory(**{**get_preset(name).defaults, "spatial_dims": 3, "in_channels": 1,
+                                        "out_channels": 3, **get_preset(name).test_overrides}).eval()
+    plain.load_state_dict(net.state_dict(), strict=True)  # the same keys: checkpoints load either way
+    assert not any(type(m) is OneDNNConv3d for m in plain.modules())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), plain(x), atol=1e-5)
+        assert torch.allclose(torch.jit.script(net)(x), plain(x), atol=1e-5)  # TorchScript: aten::convolution
+
+
+def test_flop_counter_and_timeline_still_see_the_convolutions() -> None:
+    net = use_onednn_convs(nn.Sequential(conv(padding=1)))
+    x = torch.randn(1, 16, 8, 8, 8)
+    assert count_macs(net, x) == 8 * 16 * 27 * 8 * 8 * 8
+    assert record_timeline(net, tuple(x.shape), name="conv").peak_bytes == 8 * 8 * 8 * 8 * 4
+
+
+def test_onnx_export_gets_the_ordinary_convolution(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    net = use_onednn_convs(nn.Sequential(conv(padding=1))).eval()
+    torch.onnx.export(net, (torch.randn(1, 16, 8, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False)
+    assert [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node] == ["Conv"]
