@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from medunet.networks import create_network, get_preset
-from medunet.networks.layers import OneDNNConv3d, use_onednn_convs
+from medunet.networks.layers import OneDNNConv3d, ShuffleConvTranspose3d, use_onednn_convs
 from medunet.profiling.profiler import count_macs
 from medunet.profiling.timeline import record_timeline
 
@@ -67,3 +67,17 @@ def test_onnx_export_gets_the_ordinary_convolution(tmp_path) -> None:
     net = use_onednn_convs(nn.Sequential(conv(padding=1))).eval()
     torch.onnx.export(net, (torch.randn(1, 16, 8, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False)
     assert [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node] == ["Conv"]
+
+
+def test_up_convolution_by_slabs_is_the_transposed_convolution() -> None:
+    torch.manual_seed(0)
+    reference = nn.ConvTranspose3d(12, 5, 2, stride=2)
+    fast = use_onednn_convs(nn.Sequential(nn.ConvTranspose3d(12, 5, 2, stride=2)))
+    fast.load_state_dict(nn.Sequential(reference).state_dict(), strict=True)
+    assert type(fast[0]) is ShuffleConvTranspose3d
+    x = torch.randn(2, 12, 19, 6, 10)  # 19 planes: slabs of 2 and a last one of 1
+    with torch.no_grad():
+        assert torch.allclose(fast(x), reference(x), atol=1e-6)
+    assert torch.allclose(fast(x), reference(x), atol=1e-6)  # autograd: the ordinary kernel
+    other = use_onednn_convs(nn.Sequential(nn.ConvTranspose3d(12, 5, 3, stride=2)))
+    assert type(other[0]) is nn.ConvTranspose3d  # only the 2x2x2, stride-2 up-convolution is rewritten

@@ -5,6 +5,8 @@ Everything here works for ``spatial_dims`` 2 and 3 from one code path and is Tor
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
@@ -90,6 +92,33 @@ def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tens
     return x.reshape(b, out_channels, d * factor, h * factor, w * factor)
 
 
+#: At inference, a full-size result is made this many slabs at a time (along the first spatial axis), so that only
+#: a slab of its intermediate, not the whole, is alive beside it (UNet--'s MSIAM and IEM, the 2x2 up-convolution).
+INFERENCE_SLABS = 16
+
+
+def slab_bounds(size: int, multiple: int = 1, slabs: int = INFERENCE_SLABS) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(size)``: about ``slabs`` of them, each starting at a multiple of
+    ``multiple`` (so a stride-``multiple`` conv or a pixel-(un)shuffle by ``multiple`` maps slab to slab)."""
+    step = max(multiple, math.ceil(size / slabs / multiple) * multiple)
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _shuffled_pair(x: torch.Tensor, y: torch.Tensor, spatial_dims: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``x`` and ``y`` with the same shape, such that element-wise ``x_view op= y_view`` is
+    ``x op= pixel_shuffle(y)``. Splitting each spatial axis into (size / f, f) is a view of any strided tensor, so
+    ``x`` may itself be a view (a slab of a larger tensor) and the result still lands in its storage."""
+    b, c = x.shape[0], x.shape[1]
+    if spatial_dims == 2:
+        h, w = x.shape[2] // factor, x.shape[3] // factor
+        # The index order of F.pixel_shuffle: y[c * f * f + i * f + j, h, w] lands at x[c, h * f + i, w * f + j].
+        return (x.unflatten(3, (w, factor)).unflatten(2, (h, factor)),
+                y.reshape(b, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3))
+    d, h, w = x.shape[2] // factor, x.shape[3] // factor, x.shape[4] // factor
+    return (x.unflatten(4, (w, factor)).unflatten(3, (h, factor)).unflatten(2, (d, factor)),
+            y.reshape(b, c, factor, factor, factor, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4))  # as pixel_shuffle
+
+
 def add_pixel_shuffled_(x: torch.Tensor, y: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tensor:
     """``x += pixel_shuffle(y, spatial_dims, factor)`` in place, through a view of ``x``: no shuffled copy of ``y``.
 
@@ -98,18 +127,8 @@ def add_pixel_shuffled_(x: torch.Tensor, y: torch.Tensor, spatial_dims: int, fac
     """
     if factor == 1:
         return x.add_(y)
-    b, c = x.shape[0], x.shape[1]
-    # Splitting each spatial axis into (size / f, f) is a view of any strided tensor, so ``x`` may itself be a view
-    # (a slab of a larger tensor) and the sum still lands in its storage.
-    if spatial_dims == 2:
-        h, w = x.shape[2] // factor, x.shape[3] // factor
-        # The index order of F.pixel_shuffle: y[c * f * f + i * f + j, h, w] lands at x[c, h * f + i, w * f + j].
-        x.unflatten(3, (w, factor)).unflatten(2, (h, factor)).add_(
-            y.reshape(b, c, factor, factor, h, w).permute(0, 1, 4, 2, 5, 3))
-        return x
-    d, h, w = x.shape[2] // factor, x.shape[3] // factor, x.shape[4] // factor
-    shuffled = y.reshape(b, c, factor, factor, factor, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # as pixel_shuffle
-    x.unflatten(4, (w, factor)).unflatten(3, (h, factor)).unflatten(2, (d, factor)).add_(shuffled)
+    target, source = _shuffled_pair(x, y, spatial_dims, factor)
+    target.add_(source)
     return x
 
 
@@ -195,15 +214,58 @@ class OneDNNConv3d(nn.Conv3d):
                                         self.groups)
 
 
-def use_onednn_convs(network: nn.Module) -> nn.Module:
-    """Make every plain ``torch.nn.Conv3d`` in ``network`` an :class:`OneDNNConv3d` (in place; returns ``network``).
+class ShuffleConvTranspose3d(nn.ConvTranspose3d):
+    """``torch.nn.ConvTranspose3d`` with kernel 2 and stride 2 (a U-Net's up-convolution), lighter at inference.
 
-    The subclass adds no state, so parameters, state-dict keys and checkpoints are unchanged; every network the
+    Such a transposed conv is a 1x1 conv to ``8 x out_channels`` channels followed by a pixel-shuffle: each input
+    voxel makes its own 2x2x2 output block. Without autograd on the CPU, it runs that way one slab at a time
+    (:func:`slab_bounds`), each slab written pixel-shuffled into the output, so the col2vol columns of PyTorch's
+    CPU kernel (as large as the output) are never made. Same weights, same result up to float rounding.
+    TorchScript, the ONNX exporter and any active ``TorchDispatchMode`` get ``conv_transpose3d``.
+    """
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if (not torch.jit.is_scripting() and not torch.jit.is_tracing() and output_size is None
+                and not torch.is_grad_enabled() and input.device.type == "cpu"):
+            return self._by_slabs(input)
+        return F.conv_transpose3d(input, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation)
+
+    @torch.jit.unused
+    def _by_slabs(self, input: torch.Tensor) -> torch.Tensor:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return F.conv_transpose3d(input, self.weight, self.bias, 2)
+        # weight (in, out, 2, 2, 2) -> a 1x1 conv whose output channel o * 8 + offset is pixel_shuffle's order.
+        weight = self.weight.permute(1, 2, 3, 4, 0).reshape(-1, self.in_channels, 1, 1, 1)
+        bias = None if self.bias is None else self.bias.repeat_interleave(8)
+        b, _, d, h, w = input.shape
+        out = input.new_empty(b, self.out_channels, 2 * d, 2 * h, 2 * w)
+        for start, stop in slab_bounds(d):
+            target, source = _shuffled_pair(out[:, :, 2 * start:2 * stop], F.conv3d(input[:, :, start:stop], weight, bias), 3, 2)
+            target.copy_(source)
+        return out
+
+
+def _is_up_convolution(module: nn.Module) -> bool:
+    return (type(module) is nn.ConvTranspose3d and module.kernel_size == (2, 2, 2) and module.stride == (2, 2, 2)
+            and module.padding == (0, 0, 0) and module.output_padding == (0, 0, 0) and module.dilation == (1, 1, 1)
+            and module.groups == 1)
+
+
+def use_onednn_convs(network: nn.Module) -> nn.Module:
+    """Make every plain ``torch.nn.Conv3d`` in ``network`` an :class:`OneDNNConv3d`, and every 2x2x2 up-convolution
+    a :class:`ShuffleConvTranspose3d` (in place; returns ``network``).
+
+    The subclasses add no state, so parameters, state-dict keys and checkpoints are unchanged; every network the
     registry builds (MONAI's baselines included, so comparisons stay fair) goes through this.
     """
     for module in network.modules():
         if type(module) is nn.Conv3d:
             module.__class__ = OneDNNConv3d
+        elif _is_up_convolution(module):
+            module.__class__ = ShuffleConvTranspose3d
     return network
 
 

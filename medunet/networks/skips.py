@@ -28,20 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import add_pixel_shuffled_, pixel_shuffle, pixel_unshuffle, pointwise
+from medunet.networks.layers import (
+    INFERENCE_SLABS,
+    add_pixel_shuffled_,
+    pixel_shuffle,
+    pixel_unshuffle,
+    pointwise,
+    slab_bounds,
+)
+
+__all__ = ["INFERENCE_SLABS", "slab_bounds"]  # re-exported: IEM and MSIAM work by slabs at inference
 
 TARGETS = ("coarsest", "intermediate", "finest")
 IEM_MODES = ("enhanced", "plain")
-#: At inference, a full-size term is added into E' or into a decoder feature this many slabs at a time (along the
-#: first spatial axis), so that only a slab of it, not the whole, is alive beside its destination.
-INFERENCE_SLABS = 16
-
-
-def slab_bounds(size: int, multiple: int = 1, slabs: int = INFERENCE_SLABS) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``range(size)``: about ``slabs`` of them, each starting at a multiple of
-    ``multiple`` (so a stride-``multiple`` conv or a pixel-(un)shuffle by ``multiple`` maps slab to slab)."""
-    step = max(multiple, math.ceil(size / slabs / multiple) * multiple)
-    return [(start, min(start + step, size)) for start in range(0, size, step)]
 
 
 def _conv(dims: int):
