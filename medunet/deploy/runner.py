@@ -22,12 +22,14 @@ labels at once, so the peak memory of a CT volume is the image plus a few slabs,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -379,21 +381,55 @@ def sliding_window_labels(
 
 
 # -- onnxruntime ------------------------------------------------------------------------------------------
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def onnx_predictor(model: str | Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A ``predict(windows) -> logits`` function running ``model`` with onnxruntime on the CPU."""
+    """A ``predict(windows) -> logits`` function running ``model`` with onnxruntime on the CPU.
+
+    A batch is run one window at a time, ``threads`` windows (default: the CPUs this process may use) at the same
+    time on one thread each; a lone window runs on all threads inside onnxruntime. onnxruntime parallelises its
+    convolutions but runs the layout and (de)quantization nodes around them on one thread, so a second thread
+    inside it barely speeds up an int8 graph, while whole windows in parallel scale every node; and one window per
+    run keeps the network's working memory at ``threads`` windows whatever the window batch
+    (``benchmarks/deploy/deploy.md``).
+    """
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    def session(intra_op_threads: int) -> Any:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = intra_op_threads, 1
+        return onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    threads = threads or usable_cpus()
+    serial = session(1)
+    input_name = serial.get_inputs()[0].name
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="onnx-window") if threads > 1 else None
+    wide: list[Any] = []  # the all-threads session, made the first time a lone window comes
+
+    def run_one(window: np.ndarray) -> np.ndarray:
+        return serial.run(None, {input_name: window[None]})[0][0]
 
     def predict(windows: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(windows, dtype=np.float32)})[0]
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if pool is None:
+            return np.stack([run_one(window) for window in windows])
+        if len(windows) == 1:
+            if not wide:
+                wide.append(session(threads))
+            return wide[0].run(None, {input_name: windows})[0]
+        return np.stack(list(pool.map(run_one, windows)))
 
     return predict
+
+
+@functools.lru_cache(maxsize=4)
+def _session_predictor(model: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`onnx_predictor`, made once per model and thread count for all the cases of a process (creating an
+    onnxruntime session optimises the graph: about 0.1 s, as long as a small case's whole segmentation)."""
+    return onnx_predictor(model, threads)
 
 
 def segment(
@@ -423,7 +459,8 @@ def segment(
             print(f"\r{Path(image).name}: {done}/{total} windows", end="\n" if done == total else "",
                   file=sys.stderr, flush=True)
 
-    labels = sliding_window_labels(volume, onnx_predictor(model, threads), window["roi_size"], plan["out_channels"],
+    predict = _session_predictor(str(model), threads)
+    labels = sliding_window_labels(volume, predict, window["roi_size"], plan["out_channels"],
                                    overlap=window["overlap"] if overlap is None else overlap,
                                    batch_size=batch_size or window["sw_batch_size"],
                                    accumulate_dtype=accumulate_dtype, progress=report)
@@ -438,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path,
                         help="the label map file (one input), or a folder for several inputs (OUT/<case>.nii.gz)")
     parser.add_argument("--int8", action="store_true", help="run the int8 model (model.int8.onnx)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="windows run at the same time, one thread each (default: the CPUs this process may use)")
     parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: the plan's)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the plan's)")
     parser.add_argument("--fp16-accumulation", action="store_true", help="halve the stitching buffer (float16)")

@@ -192,7 +192,8 @@ class OnnxNetwork:
 
     Args:
         path: the ``.onnx`` file (fixed spatial size, dynamic batch, as :func:`medunet.bundle.onnx.export_onnx`).
-        threads: onnxruntime intra-op threads (default: torch's thread count).
+        threads: windows run at the same time, one onnxruntime thread each (default: torch's thread count;
+            :func:`medunet.deploy.runner.onnx_predictor`).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:

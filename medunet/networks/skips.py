@@ -29,15 +29,12 @@ from torch import nn
 
 from medunet.errors import MedunetError
 from medunet.networks.layers import (
-    INFERENCE_SLABS,
     add_pixel_shuffled_,
     pixel_shuffle,
     pixel_unshuffle,
     pointwise,
     slab_bounds,
 )
-
-__all__ = ["INFERENCE_SLABS", "slab_bounds"]  # re-exported: IEM and MSIAM work by slabs at inference
 
 TARGETS = ("coarsest", "intermediate", "finest")
 IEM_MODES = ("enhanced", "plain")
@@ -297,8 +294,7 @@ class IEMExpand(nn.Module):
         factor, dims = self.resize.factor, self.resize.spatial_dims
         weight = self.project.weight
         kernel = weight.view(weight.shape[0], weight.shape[1] // factor**dims, *[factor] * dims)
-        conv = F.conv2d if dims == 2 else F.conv3d
-        return conv(aggregate, kernel, self.project.bias, stride=factor)
+        return _conv(dims)(aggregate, kernel, self.project.bias, stride=factor)
 
 
 class AggregatedSkips(nn.Module):
