@@ -89,3 +89,25 @@ def test_windows_in_parallel_give_the_serial_predictions(tmp_path) -> None:
         assert got.shape == expected.shape == (len(batch), 2, 16, 16, 16)
         np.testing.assert_allclose(got, expected, atol=1e-6)
     assert not np.allclose(expected[0], expected[1])  # distinct windows, so a mixed-up order would show
+
+
+def test_the_runner_keeps_a_session_per_model_file_until_the_file_changes(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import os
+
+    from medunet.bundle.onnx import export_onnx
+    from medunet.deploy import runner
+
+    model = tmp_path / "model.onnx"
+    window = np.random.default_rng(0).random((1, 1, 16, 16, 16), dtype=np.float32)
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        network = create_network("lunet_small_8f_unshuffle", spatial_dims=3, in_channels=1, out_channels=2,
+                                 **{"features": 4})
+        export_onnx(network, model, (1, 1, 16, 16, 16))
+        os.utime(model, ns=(seed * 10**9, seed * 10**9))  # distinct stamps even within one clock tick
+        first = runner._session_predictor(model, 1)
+        assert runner._session_predictor(model, 1) is first  # one session for all the cases of a process
+        outputs.append(first(window))
+    assert not np.allclose(outputs[0], outputs[1])  # the rewritten file was loaded, not the cached session

@@ -425,10 +425,16 @@ def onnx_predictor(model: str | Path, threads: int | None = None) -> Callable[[n
     return predict
 
 
+def _session_predictor(model: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`onnx_predictor`, made once per model file and thread count for all the cases of a process (creating
+    an onnxruntime session optimises the graph: about 0.1 s, as long as a small case's whole segmentation). A file
+    written again (another size or modification time) gets a new session."""
+    stat = model.stat()
+    return _cached_predictor(str(model.resolve()), stat.st_mtime_ns, stat.st_size, threads)
+
+
 @functools.lru_cache(maxsize=4)
-def _session_predictor(model: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`onnx_predictor`, made once per model and thread count for all the cases of a process (creating an
-    onnxruntime session optimises the graph: about 0.1 s, as long as a small case's whole segmentation)."""
+def _cached_predictor(model: str, _mtime_ns: int, _size: int, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
     return onnx_predictor(model, threads)
 
 
@@ -459,7 +465,7 @@ def segment(
             print(f"\r{Path(image).name}: {done}/{total} windows", end="\n" if done == total else "",
                   file=sys.stderr, flush=True)
 
-    predict = _session_predictor(str(model), threads)
+    predict = _session_predictor(model, threads)
     labels = sliding_window_labels(volume, predict, window["roi_size"], plan["out_channels"],
                                    overlap=window["overlap"] if overlap is None else overlap,
                                    batch_size=batch_size or window["sw_batch_size"],
