@@ -111,3 +111,18 @@ def test_the_runner_keeps_a_session_per_model_file_until_the_file_changes(tmp_pa
         assert runner._session_predictor(model, 1) is first  # one session for all the cases of a process
         outputs.append(first(window))
     assert not np.allclose(outputs[0], outputs[1])  # the rewritten file was loaded, not the cached session
+
+
+@pytest.mark.parametrize("name", ["lunet_small_8f_unshuffle", "onenet_ed4_8f", "nafnet_w8_light",
+                                  "unetmm_lunet_small_16f_unshuffle_finest", "monai_unet_spleen", "monai_segresnet"])
+def test_every_family_exports_with_2d_convolutions(name: str, tmp_path) -> None:
+    """``export-deploy``'s default layout on each block family and MONAI's baselines: export_onnx compares
+    onnxruntime with the (3D) network and raises on a mismatch."""
+    pytest.importorskip("onnxruntime")
+    from medunet.bundle.onnx import export_onnx
+    from medunet.networks import get_preset
+
+    torch.manual_seed(0)
+    network = create_network(name, spatial_dims=3, in_channels=1, out_channels=2, **get_preset(name).test_overrides)
+    exported = export_onnx(network, tmp_path / "model.onnx", (1, 1, 32, 32, 32), conv3d_as_2d=True)
+    assert exported.max_abs_difference < 1e-3
