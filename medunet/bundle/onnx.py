@@ -8,6 +8,7 @@ freezes, so other spatial shapes are refused by the graph rather than silently w
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from medunet.errors import MedunetError
+from medunet.networks import layers
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -84,7 +86,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     network = network.cpu().eval()
-    graph = conv3d_as_2d_copy(network) if conv3d_as_2d else network
+    graph = layers.conv3d_as_2d(copy.deepcopy(network)).eval() if conv3d_as_2d else network
     example = torch.rand(*input_shape, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic (fixed shape here)
@@ -112,11 +114,3 @@ def export_onnx(
         worst = max(worst, difference)
     return OnnxExport(path, tuple(input_shape), worst, opset)
 
-
-def conv3d_as_2d_copy(network: nn.Module) -> nn.Module:
-    """A copy of ``network`` whose 3D convolutions export as 2D ones (:func:`medunet.networks.layers.conv3d_as_2d`)."""
-    import copy
-
-    from medunet.networks.layers import conv3d_as_2d
-
-    return conv3d_as_2d(copy.deepcopy(network)).eval()

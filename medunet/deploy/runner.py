@@ -407,7 +407,7 @@ def onnx_predictor(model: str | Path, threads: int | None = None) -> Callable[[n
     serial = session(1)
     input_name = serial.get_inputs()[0].name
     pool = ThreadPoolExecutor(threads, thread_name_prefix="onnx-window") if threads > 1 else None
-    wide: list[Any] = []  # the all-threads session, made the first time a lone window comes
+    wide = functools.cache(lambda: session(threads))  # the all-threads session, made when a lone window first comes
 
     def run_one(window: np.ndarray) -> np.ndarray:
         return serial.run(None, {input_name: window[None]})[0][0]
@@ -417,9 +417,7 @@ def onnx_predictor(model: str | Path, threads: int | None = None) -> Callable[[n
         if pool is None:
             return np.stack([run_one(window) for window in windows])
         if len(windows) == 1:
-            if not wide:
-                wide.append(session(threads))
-            return wide[0].run(None, {input_name: windows})[0]
+            return wide().run(None, {input_name: windows})[0]
         return np.stack(list(pool.map(run_one, windows)))
 
     return predict
