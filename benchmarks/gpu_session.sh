@@ -9,7 +9,10 @@
 #   bash benchmarks/gpu_session.sh efficiency NET...   # the GPU efficiency table of some networks
 #
 # Each accuracy mode resumes: rerun it (with the runs.tgz parts of the last call in .devcarry/) until it prints the
-# tables; FOLDS="0 1 2 3 4" for five folds. Afterwards, on the CPU machine (efficiency half, median of 3 memory runs):
+# tables; FOLDS="0 1 2 3 4" for five folds. A 15-minute device budget holds about one call: NETWORKS="monai_unet_spleen
+# monai_segresnet lunet_small_16f_unshuffle_wide" JOBS=9 trains the three networks issue 10's acceptance compares on
+# folds 0 1 2 at once (NETWORKS: any registry names; the MONAI UNet is always trained, as the bench's baseline).
+# .devcarry/ is filled by `bash benchmarks/gpu_prepare.sh`; the device call names it in its carry. Afterwards, on the CPU machine (efficiency half, median of 3 memory runs):
 #   medunet bench --accuracy --folds 0 1 2 --out benchmarks/recipe_gpu --results benchmarks/RESULTS.md --repeats-memory 3
 #
 # Wheels for what the machine lacks (monai, pytorch-ignite, nibabel) and the Hippocampus task are expected in
@@ -67,7 +70,7 @@ smoke)
     ;;
 accuracy|recipe-effect)
     if [ "$mode" = accuracy ]; then
-        bench_out=$RECIPE_OUT; networks=$ACCURACY_NETWORKS; recipe=()
+        bench_out=$RECIPE_OUT; networks=${NETWORKS:-$ACCURACY_NETWORKS}; recipe=()
     else
         bench_out=$LIGHT_OUT; networks="monai_unet_spleen monai_segresnet"
         recipe=(--set augment=light --set deep_supervision=0)
@@ -79,7 +82,7 @@ accuracy|recipe-effect)
     # shellcheck disable=SC2086
     timeout "${BENCH_SECONDS:-500}" python3 -m medunet bench --device cuda --no-tracking --networks monai_unet_spleen \
         --shapes 1x1x32x32x32 --volume none --no-train --repeats 1 --out "$bench_out" --accuracy --protocol gpu \
-        --folds $FOLDS --accuracy-networks $networks --jobs 8 --set num_workers=2 "${recipe[@]}" "${@:2}" 2>&1 \
+        --folds $FOLDS --accuracy-networks $networks --jobs "${JOBS:-8}" --set num_workers=2 "${recipe[@]}" "${@:2}" 2>&1 \
         | tee "$out/accuracy.log" || true
     for run in "$bench_out"/runs/fold*/*/; do  # finished runs need no checkpoint to be read back
         if grep -q '"finished": true' "$run/metrics.json" 2>/dev/null; then rm -rf "$run/checkpoints" "$run/models"; fi

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from medunet.bench.accuracy import RECIPE, recipe_with, run_accuracy
+from medunet.bench.accuracy import CPU_RECIPE, RECIPE, recipe_with, run_accuracy
 from medunet.cli import build_parser, main
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
@@ -132,13 +132,14 @@ def test_bench_accuracy_command_writes_csv_plot_and_results(phantom: Path, tmp_p
 
 # -- issue 10: the stronger recipe, cross-validation, protocols, repeated memory figures ---------------------
 def test_the_recipe_is_nnunets_with_deep_supervision_where_a_decoder_has_room_and_the_cpu_protocol_is_smaller() -> None:
-    from medunet.bench.accuracy import CPU_RECIPE, LIGHT_RECIPE, deep_supervision_for
+    from medunet.bench.accuracy import LIGHT_RECIPE, deep_supervision_for
 
     assert RECIPE["augment"] == "nnunet" and RECIPE["deep_supervision"] == 3
     assert LIGHT_RECIPE["augment"] == "light" and LIGHT_RECIPE["deep_supervision"] == 0
     cpu = recipe_with(protocol="cpu")
-    assert cpu == CPU_RECIPE and cpu["num_samples"] == 1 and cpu["augment"] == "nnunet"
-    assert cpu["max_epochs"] * cpu["epoch_length"] * cpu["num_samples"] < RECIPE["max_epochs"] * RECIPE["epoch_length"]
+    assert cpu == CPU_RECIPE and cpu["augment"] == "nnunet"
+    assert cpu["batch_size"] * cpu["num_samples"] == RECIPE["batch_size"] * RECIPE["num_samples"]  # the same batch
+    assert cpu["max_epochs"] * cpu["epoch_length"] < RECIPE["max_epochs"] * RECIPE["epoch_length"]
     with pytest.raises(MedunetError, match="protocol is 'tpu'.*Fix: --protocol gpu"):
         recipe_with(protocol="tpu")
     assert deep_supervision_for("lunet_small_2f", 3) == 3 and deep_supervision_for("monai_segresnet", 3) == 0
@@ -199,7 +200,7 @@ def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(
     assert all(row["deep_supervision"] == "3" and row["augment"] == "nnunet" for row in rows)
     for fold in (0, 1):
         workflow = json.loads((out / "runs" / f"fold{fold}" / "lunet_small_2f" / "workflow.json").read_text("utf-8"))
-        assert workflow["fold"] == fold and workflow["num_samples"] == 1  # the CPU protocol: whole volumes
+        assert workflow["fold"] == fold and workflow["num_samples"] == CPU_RECIPE["num_samples"]
         assert workflow["deep_supervision"] == 3 and workflow["augment"] == "nnunet"
     summary = {row["network"]: row for row in csv.DictReader((out / "accuracy_folds.csv").open(encoding="utf-8"))}
     lean = [float(row["mean_dice"]) for row in rows if row["network"] == "lunet_small_2f"]
