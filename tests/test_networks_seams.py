@@ -160,3 +160,36 @@ def test_one_padding_for_medunet_networks_and_monai_baselines(size: tuple[int, .
     assert torch.equal(crop_spatial(padded, list(size)), x)
     wrapped = PadToDivisible(nn.Identity(), 8, min_size=24)
     assert torch.equal(wrapped(x), x)
+
+
+# -- issue 10: the sub-pixel head (head_kernel) ------------------------------------------------------------------
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_sub_pixel_head_lets_each_full_resolution_voxel_see_the_half_resolution_neighbourhood(spatial_dims: int) -> None:
+    """With the unshuffle stem, a 1x1 head maps one half-resolution voxel to its own 2x2(x2) block only; a 3x3(x3)
+    head (head_kernel=3) also reaches the neighbouring blocks. Probed on the head alone: one feature voxel changed."""
+    size = (6,) * spatial_dims
+    reach = {}
+    for kernel in (1, 3):
+        head = conv_unet_parts(spatial_dims=spatial_dims, in_channels=1, out_channels=2, widths=(4, 4), stem="unshuffle",
+                               head_kernel=kernel).head.eval()
+        features = torch.zeros(1, 4, *size)
+        bumped = features.clone()
+        bumped[(0, slice(None), *(s // 2 for s in size))] = 1.0
+        with torch.no_grad():
+            changed = (head(bumped) - head(features)).abs().sum(1)[0] > 0
+        assert changed.shape == tuple(2 * s for s in size)
+        reach[kernel] = [int(changed.any(dim=tuple(a for a in range(spatial_dims) if a != axis)).sum())
+                         for axis in range(spatial_dims)]
+    assert reach[1] == [2] * spatial_dims  # its own 2x2(x2) block
+    assert reach[3] == [6] * spatial_dims  # and the blocks of its 3x3(x3) neighbours
+
+
+def test_the_head_kernel_must_be_odd_and_the_sub_pixel_preset_keeps_the_output_size() -> None:
+    from medunet.networks import create_network, get_preset
+
+    with pytest.raises(MedunetError, match="head_kernel must be an odd kernel size"):
+        LUNet(spatial_dims=3, in_channels=1, out_channels=2, features=2, levels=2, head_kernel=2)
+    name = "lunet_small_16f_unshuffle_wide_subpixel"
+    net = create_network(name, spatial_dims=3, in_channels=1, out_channels=3, **get_preset(name).test_overrides).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 20, 24, 18)).shape == (1, 3, 20, 24, 18)

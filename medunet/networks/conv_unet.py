@@ -56,12 +56,19 @@ class ConvBlocks(UNetBlocks):
     runs at half resolution, and ends with a 1x1 conv + pixel-shuffle back to full resolution, the way
     MONAI's UNet starts with a strided conv: no kxk convolution touches the full-resolution volume,
     which is where a 3D network's activations and (on the CPU) its convolution workspace peak.
+
+    ``head_kernel=3`` makes the head conv a kxk one: with the unshuffle stem it is a sub-pixel convolution (Shi et
+    al., ESPCN, CVPR 2016), so the logits of the 2x2x2 full-resolution voxels that one half-resolution voxel becomes
+    see its whole neighbourhood instead of that voxel's features alone.
     """
 
     def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
-                 dropout: DropoutType, bias: bool, order: str, stem: str) -> None:
+                 dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1) -> None:
         if stem not in STEMS:
             raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
+        if head_kernel < 1 or head_kernel % 2 == 0:
+            raise MedunetError(f"head_kernel must be an odd kernel size (1, 3, ...), got {head_kernel!r}")
+        self.head_kernel = head_kernel
         self.spatial_dims = spatial_dims
         self.block_options = dict(convs=convs_per_block, act=act, norm=norm, dropout=dropout, bias=bias, order=order)
         self.scale = 2**spatial_dims if stem == "unshuffle" else 1  # channels gained by the unshuffle stem
@@ -84,7 +91,8 @@ class ConvBlocks(UNetBlocks):
 
     def head(self, in_channels: int, out_channels: int) -> nn.Module:
         d = self.spatial_dims
-        head: nn.Module = Conv[Conv.CONV, d](in_channels, out_channels * self.scale, kernel_size=1)
+        head: nn.Module = Conv[Conv.CONV, d](in_channels, out_channels * self.scale, kernel_size=self.head_kernel,
+                                             padding=self.head_kernel // 2)
         return nn.Sequential(head, PixelShuffle(d, 2)) if self.scale > 1 else head
 
 
@@ -105,15 +113,17 @@ def conv_unet_parts(
     order: str = "AND",
     merge: str = "concat",
     stem: str = "full",
+    head_kernel: int = 1,
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
     Encoder: a conv block at full resolution, then max-pool + conv block per level. Decoder:
-    transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: 1x1 conv.
+    transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: a 1x1 conv
+    (``head_kernel``).
     Widths: :func:`~medunet.networks.skeleton.level_widths` (``features``, ``flat`` or an explicit ``widths``).
     """
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
-                        dropout=dropout, bias=bias, order=order, stem=stem)
+                        dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel)
     widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
     return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
@@ -144,6 +154,8 @@ class LUNet(UNetSkeleton):
             training mode only (:class:`~medunet.networks.skeleton.UNetSkeleton`).
         widths: an explicit width per level (e.g. ``(16, 24, 32, 32, 32)``) instead of ``features``, ``levels``
             and ``flat``.
+        head_kernel: kernel of the head conv (default 1); 3 with the unshuffle stem is a sub-pixel convolution
+            (:class:`ConvBlocks`).
 
     Example::
 
@@ -169,11 +181,12 @@ class LUNet(UNetSkeleton):
         pad_input: bool = True,
         deep_supervision: int = 0,
         widths: Sequence[int] | None = None,
+        head_kernel: int = 1,
     ) -> None:
         parts = conv_unet_parts(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
             levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
-            dropout=dropout, bias=bias, order=order, stem=stem,
+            dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
@@ -282,4 +295,11 @@ register_preset(
     "lunet_small_16f_unshuffle_wide", LUNet, "lunet",
     "lunet_small_16f_unshuffle with wider coarse levels: widths 16, 24, 32, 32, 32 (cheap: those levels are small)",
     widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", test_overrides={"widths": (2, 3, 4, 4, 4)},
+)
+register_preset(
+    "lunet_small_16f_unshuffle_wide_subpixel", LUNet, "lunet",
+    "lunet_small_16f_unshuffle_wide with a 3x3x3 sub-pixel head: each full-resolution voxel sees the half-resolution "
+    "neighbourhood",
+    widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", head_kernel=3,
+    test_overrides={"widths": (2, 3, 4, 4, 4)},
 )
