@@ -50,7 +50,7 @@ def conv_block(
 
 
 class ConvBlocks(UNetBlocks):
-    """The conv family's stages: conv blocks, max-pool down, transposed conv (kernel 2, stride 2) up, 1x1 head.
+    """The conv family's stages: conv blocks, max-pool down, transposed conv (kernel 2, stride 2) up, 1x1 head (``head_kernel``).
 
     ``stem="unshuffle"`` starts with a pixel-unshuffle (space-to-depth, no information lost) so level 0
     runs at half resolution, and ends with a 1x1 conv + pixel-shuffle back to full resolution, the way
@@ -118,8 +118,8 @@ def conv_unet_parts(
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
     Encoder: a conv block at full resolution, then max-pool + conv block per level. Decoder:
-    transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: a 1x1 conv
-    (``head_kernel``).
+    transposed conv (kernel 2, stride 2) to the finer width, merge the skip, conv block. Head: a conv of kernel
+    ``head_kernel`` (1 by default).
     Widths: :func:`~medunet.networks.skeleton.level_widths` (``features``, ``flat`` or an explicit ``widths``).
     """
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
@@ -291,15 +291,15 @@ register_preset(
     features=16, levels=5, convs_per_block=2, flat=False, stem="unshuffle", test_overrides=_TEST_SIZE,
 )
 # Issue 10: lean at the expensive (finest) level, wider where the volume is small.
+_WIDE = dict(widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", test_overrides={"widths": (2, 3, 4, 4, 4)})
 register_preset(
     "lunet_small_16f_unshuffle_wide", LUNet, "lunet",
     "lunet_small_16f_unshuffle with wider coarse levels: widths 16, 24, 32, 32, 32 (cheap: those levels are small)",
-    widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", test_overrides={"widths": (2, 3, 4, 4, 4)},
+    **_WIDE,
 )
 register_preset(
     "lunet_small_16f_unshuffle_wide_subpixel", LUNet, "lunet",
     "lunet_small_16f_unshuffle_wide with a 3x3x3 sub-pixel head: each full-resolution voxel sees the half-resolution "
     "neighbourhood",
-    widths=(16, 24, 32, 32, 32), convs_per_block=2, stem="unshuffle", head_kernel=3,
-    test_overrides={"widths": (2, 3, 4, 4, 4)},
+    head_kernel=3, **_WIDE,
 )
