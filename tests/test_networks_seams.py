@@ -193,3 +193,17 @@ def test_the_head_kernel_must_be_odd_and_the_sub_pixel_preset_keeps_the_output_s
     net = create_network(name, spatial_dims=3, in_channels=1, out_channels=3, **get_preset(name).test_overrides).eval()
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 20, 24, 18)).shape == (1, 3, 20, 24, 18)
+
+
+@pytest.mark.parametrize(("name", "divisor"), [("lunet_small_16f_unshuffle_wide_subpixel", 32),
+                                               ("lunet_16f_4level_unshuffle_subpixel", 16),
+                                               ("lunet_16f_4level_unshuffle_subpixel_in", 16)])
+def test_the_four_level_presets_take_a_hippocampus_patch_without_padding(name: str, divisor: int) -> None:
+    from medunet.networks import create_network, get_preset
+
+    net = create_network(name, spatial_dims=3, in_channels=1, out_channels=3, **get_preset(name).test_overrides).eval()
+    assert net.size_divisor == divisor
+    patch = (48, 64, 48)  # the Task04 preset's patch size
+    assert all(size % net.size_divisor == 0 for size in patch) == (divisor == 16)
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, *patch)).shape == (1, 3, *patch)

@@ -303,3 +303,17 @@ register_preset(
     "neighbourhood",
     head_kernel=3, **_WIDE,
 )
+# Four levels instead of five: a 48x64x48 Hippocampus patch needs no padding (five unshuffle levels pad it to 64^3),
+# and the parameters the coarsest level held go to levels 1 and 3.
+_FOUR_LEVELS = dict(widths=(16, 32, 32, 48), convs_per_block=2, stem="unshuffle", head_kernel=3,
+                    test_overrides={"widths": (2, 3, 3, 4)})
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel", LUNet, "lunet",
+    "Four-level unshuffle Lean UNet with a 3x3x3 sub-pixel head: widths 16, 32, 32, 48",
+    **_FOUR_LEVELS,
+)
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel_in", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel with nnU-Net's instance norm (affine) and leaky ReLU instead of batch norm and ReLU",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), **_FOUR_LEVELS,
+)
