@@ -198,7 +198,7 @@ def test_the_head_kernel_must_be_odd_and_the_sub_pixel_preset_keeps_the_output_s
 @pytest.mark.parametrize(("name", "divisor"), [("lunet_small_16f_unshuffle_wide_subpixel", 32),
                                                ("lunet_16f_4level_unshuffle_subpixel", 16),
                                                ("lunet_16f_4level_unshuffle_subpixel_in", 16)])
-def test_the_four_level_presets_take_a_hippocampus_patch_without_padding(name: str, divisor: int) -> None:
+def test_the_size_divisor_decides_whether_a_hippocampus_patch_is_padded(name: str, divisor: int) -> None:
     from medunet.networks import create_network, get_preset
 
     net = create_network(name, spatial_dims=3, in_channels=1, out_channels=3, **get_preset(name).test_overrides).eval()
