@@ -17,8 +17,15 @@ import pytest
 import torch
 
 from medunet.cli import main
-from medunet.data import get_preset
-from medunet.engines.inference import ProbabilityAverage, mirror_axes, predict, predict_run, predict_runs
+from medunet.data import get_preset, infer_transforms
+from medunet.engines.inference import (
+    ProbabilityAverage,
+    engine_network,
+    mirror_axes,
+    predict,
+    predict_run,
+    predict_runs,
+)
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
 from medunet.run_folder import read_run_record, write_run_record
@@ -61,10 +68,33 @@ def test_onnx_engines_write_the_same_files_as_torch(trained_run, images: list[Pa
         assert nib.load(onnx_file).shape == reference.shape
         np.testing.assert_allclose(nib.load(onnx_file).affine, nib.load(torch_file).affine)
         assert (labels_of(onnx_file) == reference).mean() >= 0.999
-        # A network trained for one short epoch on phantoms has many near-ties that int8 rounding flips (0.97-0.99
-        # of voxels agree, depending on the training's thread count); real Hippocampus cases agree on 99.8%.
-        assert (labels_of(int8_file) == reference).mean() >= 0.95
+        assert nib.load(int8_file).shape == reference.shape
+        # A network trained for one short epoch on phantoms has many near-ties that int8 rounding flips (0.95-0.99
+        # of voxels agree, depending on the training's thread count; real Hippocampus cases agree on 99.8%): the
+        # test below compares int8 and torch where torch is not near a tie.
+        assert (labels_of(int8_file) == reference).mean() >= 0.9
     assert (run_dir / "deploy" / "model.int8.onnx").is_file()  # exported once, reused by later runs
+
+
+def test_int8_labels_equal_torch_ones_wherever_torch_is_not_near_a_tie(trained_run, images: list[Path]) -> None:
+    run_dir, _ = trained_run
+    networks = {engine: engine_network(run_dir, engine)[0] for engine in ("torch", "onnx-int8")}
+    record = read_run_record(run_dir)
+    roi = record.sliding_window["roi_size"]
+    volumes = [infer_transforms(record.preset)({"image": str(image)})["image"] for image in images]
+    windows = torch.from_numpy(np.stack([np.asarray(volume[(slice(None), *(slice(0, size) for size in roi))])
+                                         for volume in volumes])).float()
+    with torch.no_grad():
+        reference = torch.softmax(networks["torch"].eval()(windows), dim=1)
+        int8 = networks["onnx-int8"](windows)
+    top2 = reference.topk(2, dim=1).values
+    # The two likeliest classes more than 0.1 apart. How many voxels that leaves varies from one tiny training to the
+    # next (a fifth to nearly all of them were measured), so the test asks for enough of them to say something.
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1
+    assert clear.sum() >= 1000, f"only {int(clear.sum())} clear voxels: too few for this test to say anything"
+    agree = int8.argmax(1) == reference.argmax(1)
+    assert agree[clear].float().mean() >= 0.995
+    assert (reference.argmax(1)[clear] > 0).any()  # foreground among the clear voxels, not background alone
 
 
 def test_tta_of_a_mirror_symmetric_network_equals_the_plain_prediction() -> None:

@@ -155,15 +155,17 @@ def recipe_with(overrides: Mapping[str, Any] | None = None, quick: bool = False,
 
 
 def deep_supervision_for(network: str, heads: int) -> int:
-    """The deep-supervision heads ``network`` trains with under a recipe asking for ``heads``: ``heads`` where the
-    network has a U-Net decoder with that many levels above the finest, else 0 (MONAI's UNet, SegResNet...)."""
-    if heads <= 0:
-        return 0
-    try:
-        create_network(network, deep_supervision=heads)
-    except MedunetError:
-        return 0
-    return heads
+    """The deep-supervision heads ``network`` trains with under a recipe asking for ``heads``: as many of them as the
+    network's U-Net decoder has levels above the finest (``heads`` for five levels, 2 for four), 0 where it has no
+    such decoder (MONAI's UNet, SegResNet...). nnU-Net too supervises every decoder level it has, short of the
+    coarsest ones."""
+    for k in range(heads, 0, -1):
+        try:
+            create_network(network, deep_supervision=k)
+        except MedunetError:
+            continue
+        return k
+    return 0
 
 
 def run_dir_for(out_dir: str | Path, network: str, fold: int | None = None) -> Path:
