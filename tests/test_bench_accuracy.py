@@ -143,6 +143,9 @@ def test_the_recipe_is_nnunets_with_deep_supervision_where_a_decoder_has_room_an
     with pytest.raises(MedunetError, match="protocol is 'tpu'.*Fix: --protocol gpu"):
         recipe_with(protocol="tpu")
     assert deep_supervision_for("lunet_small_2f", 3) == 3 and deep_supervision_for("monai_segresnet", 3) == 0
+    # A four-level decoder has two levels above the finest: it trains with both, not with none.
+    assert deep_supervision_for("lunet_16f_4level_unshuffle_subpixel_in", 3) == 2
+    assert deep_supervision_for("lunet_16f_4level_unshuffle_subpixel_in", 1) == 1
     assert deep_supervision_for("lunet_small_2f", 0) == 0
 
 

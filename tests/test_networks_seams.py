@@ -207,3 +207,43 @@ def test_the_size_divisor_decides_whether_a_hippocampus_patch_is_padded(name: st
     assert all(size % net.size_divisor == 0 for size in patch) == (divisor == 16)
     with torch.no_grad():
         assert net(torch.zeros(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+# -- issue 10: residual conv blocks ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("in_channels", "out_channels"), [(4, 4), (3, 5)])
+def test_a_residual_block_adds_its_input_through_a_projection_only_where_the_width_changes(in_channels: int,
+                                                                                              out_channels: int) -> None:
+    from monai.networks.blocks import ResidualUnit
+
+    from medunet.networks.conv_unet import conv_block
+
+    options = dict(convs=2, act="relu", norm=None, dropout=None, bias=True, order="AND")
+    plain = conv_block(3, in_channels, out_channels, **options)
+    block = conv_block(3, in_channels, out_channels, residual=True, **options)
+    assert isinstance(block, ResidualUnit) and not isinstance(plain, ResidualUnit)
+    assert n_params(block) - n_params(plain) == (0 if in_channels == out_channels else (in_channels + 1) * out_channels)
+    x = torch.randn(2, in_channels, 6, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for conv in block.conv.modules():
+            if isinstance(conv, nn.Conv3d):
+                conv.weight.zero_()
+                conv.bias.zero_()
+        # With the convolutions silenced, the block is its shortcut: the input itself, or its 1x1 projection.
+        expected = x if in_channels == out_channels else block.residual(x)
+        torch.testing.assert_close(block(x), expected)
+        assert (block(x) - expected).abs().max() == 0 and expected.abs().max() > 0
+
+
+def test_the_residual_preset_is_the_instance_norm_preset_plus_shortcuts() -> None:
+    from medunet.networks import create_network
+
+    kwargs = dict(spatial_dims=3, in_channels=1, out_channels=3)
+    plain = create_network("lunet_16f_4level_unshuffle_subpixel_in", **kwargs)
+    residual = create_network("lunet_16f_4level_unshuffle_subpixel_in_res", **kwargs)
+    # 1x1 projections where the width changes: 8->16 (stem), 16->32, 32->48, and the decoders' concat -> width.
+    projections = (8 + 1) * 16 + (16 + 1) * 32 + (32 + 1) * 48 + (64 + 1) * 32 + (64 + 1) * 32 + (32 + 1) * 16
+    assert n_params(residual) - n_params(plain) == projections
+    assert n_params(residual) <= 4_809_920 // 10  # at most a tenth of the MONAI UNet's parameters
+    residual.eval()
+    with torch.no_grad():
+        assert residual(torch.zeros(1, 1, 48, 64, 48)).shape == (1, 3, 48, 64, 48)

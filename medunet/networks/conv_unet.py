@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from monai.networks.blocks import ResidualUnit
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -39,8 +40,17 @@ def conv_block(
     dropout: DropoutType,
     bias: bool,
     order: str,
-) -> nn.Sequential:
-    """``convs`` x [3x3(x3) conv -> activation/norm/dropout in ``order``] (STAMP uses conv-ReLU-BN-dropout)."""
+    residual: bool = False,
+) -> nn.Module:
+    """``convs`` x [3x3(x3) conv -> activation/norm/dropout in ``order``] (STAMP uses conv-ReLU-BN-dropout).
+
+    ``residual=True`` adds the block's input to its output (through a 1x1 conv where the widths differ): MONAI's
+    ``ResidualUnit`` with the same convolutions, as in the MONAI UNet (``num_res_units``) and SegResNet.
+    """
+    if residual:
+        return ResidualUnit(spatial_dims, in_channels, out_channels, kernel_size=3, subunits=convs,
+                            adn_ordering="".join(letter for letter in order if letter in "AND" and (letter != "D" or dropout)),
+                            act=act, norm=norm, dropout=dropout, bias=bias)
     layers = [
         conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size=3, act=act,
                       norm=norm, dropout=dropout, bias=bias, order=order)
@@ -63,14 +73,16 @@ class ConvBlocks(UNetBlocks):
     """
 
     def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
-                 dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1) -> None:
+                 dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1,
+                 residual: bool = False) -> None:
         if stem not in STEMS:
             raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
         if head_kernel < 1 or head_kernel % 2 == 0:
             raise MedunetError(f"head_kernel must be an odd kernel size (1, 3, ...), got {head_kernel!r}")
         self.head_kernel = head_kernel
         self.spatial_dims = spatial_dims
-        self.block_options = dict(convs=convs_per_block, act=act, norm=norm, dropout=dropout, bias=bias, order=order)
+        self.block_options = dict(convs=convs_per_block, act=act, norm=norm, dropout=dropout, bias=bias, order=order,
+                                  residual=residual)
         self.scale = 2**spatial_dims if stem == "unshuffle" else 1  # channels gained by the unshuffle stem
         self.input_stride = 2 if stem == "unshuffle" else 1
 
@@ -114,6 +126,7 @@ def conv_unet_parts(
     merge: str = "concat",
     stem: str = "full",
     head_kernel: int = 1,
+    residual: bool = False,
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
@@ -123,7 +136,8 @@ def conv_unet_parts(
     Widths: :func:`~medunet.networks.skeleton.level_widths` (``features``, ``flat`` or an explicit ``widths``).
     """
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
-                        dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel)
+                        dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
+                        residual=residual)
     widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
     return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
@@ -156,6 +170,7 @@ class LUNet(UNetSkeleton):
             and ``flat``.
         head_kernel: kernel of the head conv (default 1); 3 with the unshuffle stem is a sub-pixel convolution
             (:class:`ConvBlocks`).
+        residual: residual conv blocks (MONAI's ``ResidualUnit``: the block's input added to its output).
 
     Example::
 
@@ -182,11 +197,12 @@ class LUNet(UNetSkeleton):
         deep_supervision: int = 0,
         widths: Sequence[int] | None = None,
         head_kernel: int = 1,
+        residual: bool = False,
     ) -> None:
         parts = conv_unet_parts(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
             levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
-            dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
+            dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel, residual=residual,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
@@ -316,4 +332,11 @@ register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel with nnU-Net's instance norm (affine) and leaky ReLU instead of batch norm and ReLU",
     norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), **_FOUR_LEVELS,
+)
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel_in_res", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel_in with residual conv blocks (MONAI's ResidualUnit, 1x1 projection where "
+    "the width changes)",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
+    **_FOUR_LEVELS,
 )
