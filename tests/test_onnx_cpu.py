@@ -113,7 +113,8 @@ def test_the_runner_keeps_a_session_per_model_file_until_the_file_changes(tmp_pa
     assert not np.allclose(outputs[0], outputs[1])  # the rewritten file was loaded, not the cached session
 
 
-@pytest.mark.parametrize("name", ["lunet_small_8f_unshuffle", "onenet_ed4_8f", "nafnet_w8_light",
+@pytest.mark.parametrize("name", ["lunet_small_8f_unshuffle", "lunet_16f_4level_unshuffle_subpixel_in_res",
+                                  "onenet_ed4_8f", "nafnet_w8_light",
                                   "unetmm_lunet_small_16f_unshuffle_finest", "monai_unet_spleen", "monai_segresnet"])
 def test_every_family_exports_with_2d_convolutions(name: str, tmp_path) -> None:
     """``export-deploy``'s default layout on each block family and MONAI's baselines: export_onnx compares
