@@ -229,3 +229,16 @@ def test_repeated_memory_figures_report_the_median_of_fresh_processes() -> None:
     assert len(runs) == 3 and all(value > 0 for value in runs)
     assert result.profile.peak_infer_bytes == sorted(runs)[1]
     assert result.as_dict()["peak_infer_runs"] == runs and "train" not in result.memory_runs
+
+
+def test_parallel_trainings_each_log_their_own_epochs_also_the_later_ones_of_a_worker(phantom: Path,
+                                                                                          tmp_path: Path) -> None:
+    """Four trainings two at a time: a worker process that trained once before must not log into the closed file
+    of its first training (each training runs in a fresh process)."""
+    rows = run_accuracy(NETWORKS, phantom, WORKFLOW, out_dir=tmp_path, folds=[0, 1], tracking=False, progress=False,
+                        recipe=recipe_with(TINY, epochs=1, epoch_length=2), jobs=2)
+    assert len(rows) == 4
+    for row in rows:
+        log = (Path(row["run_dir"]) / "train.log").read_text(encoding="utf-8")
+        assert "Logging error" not in log and "I/O operation on closed file" not in log
+        assert "val_mean_dice" in log  # the validation's log line reached this training's own log

@@ -37,6 +37,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -320,8 +321,11 @@ def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[st
     is reported with its log and the others go on."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked CUDA or thread-pool state
+    # One process per training: a worker reused for a second training kept the logging handlers of its first,
+    # bound to that training's closed log file, and lost every log line (Python 3.11+; on 3.10 workers are reused).
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     failed = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **fresh) as pool:
         futures = {pool.submit(_train_logged, workflow, overrides, run_dir / TRAIN_LOG, threads): name
                    for name, (run_dir, overrides) in pending.items()}
         for name in pending:

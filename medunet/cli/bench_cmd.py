@@ -259,9 +259,9 @@ def _setup_line(accuracy: dict[str, Any]) -> str:
     task, workflow = portable_path(accuracy["task_dir"]), portable_path(accuracy["workflow"])
     return (f"Trained on {where} of `{task}` with `{workflow}` "
             f"({accuracy.get('protocol', 'gpu')} protocol), {recipe['max_epochs']} epochs x {recipe['epoch_length']} "
-            f"iterations, augmentation `{recipe.get('augment', 'light')}`, {recipe.get('deep_supervision', 0)} "
-            "deep-supervision heads where the network has a decoder for them, scored on each fold's validation "
-            "cases (Dice of the last epoch).")
+            f"iterations, augmentation `{recipe.get('augment', 'light')}`, up to {recipe.get('deep_supervision', 0)} "
+            "deep-supervision heads (as many as the network's decoder has levels above the finest; the `DS heads` "
+            "column), scored on each fold's validation cases (Dice of the last epoch).")
 
 
 def _write_results(
