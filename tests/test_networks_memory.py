@@ -24,6 +24,7 @@ from medunet.profiling.timeline import record_timeline
 #: Ordinary skips (concat; add for NAFNet) and UNet-- with E' at each target, on conv, NAFNet and OneNet backbones.
 PRESETS = [
     "lunet_small_16f_unshuffle",
+    "lunet_16f_4level_unshuffle_subpixel_in_res",
     "nafnet_w8_light",
     "onenet_ed4_8f",
     "unetmm_lunet_small_16f_unshuffle_coarsest",
@@ -224,3 +225,13 @@ def test_unet_minus_peak_at_inference_is_at_most_0_6_of_its_backbones_original_p
         assert after <= 0.6 * backbone_before, (name, after, backbone_before)
         assert after <= 0.6 * backbone_after, (name, after, backbone_after)
     assert backbone_after < backbone_before
+
+
+def test_residual_blocks_add_nothing_to_the_inference_peak() -> None:
+    """MONAI's ResidualUnit holds its input until the sum and makes the sum a new tensor; run child by child, with
+    the shortcut first and added in place, the residual preset peaks where its plain-block twin does."""
+    shape = (1, 1, 64, 64, 64)
+    plain_blocks = peak_bytes("lunet_16f_4level_unshuffle_subpixel_in", shape, plain=False)
+    residual_called_whole = peak_bytes("lunet_16f_4level_unshuffle_subpixel_in_res", shape, plain=True)
+    residual = peak_bytes("lunet_16f_4level_unshuffle_subpixel_in_res", shape, plain=False)
+    assert residual == plain_blocks < residual_called_whole

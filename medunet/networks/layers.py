@@ -9,7 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -138,16 +138,30 @@ def run_releasing(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor
     The input is handed over in a list (emptied here) because a caller's variable, or ``nn.Module.__call__``'s
     argument tuple, would keep it alive until the call returns. A plain ``nn.Sequential`` (MONAI's
     ``Convolution`` and ``ADN`` are ones) is run child by child the same way, so that inside a conv block only one
-    layer's input and output are alive at a time, not every container's input as well. That is what it is for:
+    layer's input and output are alive at a time, not every container's input as well; a MONAI ``ResidualUnit`` the
+    same way, its shortcut computed first and added in place. That is what it is for:
     without autograd nothing else holds on to those tensors. A container with hooks of its own (or while global
     module hooks are set) is called as usual instead, so every hook fires as it would without this; that container
     then keeps its input until it returns. Not TorchScript (it recurses over modules of any type).
     """
-    if type(module).forward is nn.Sequential.forward and not _has_hooks(module):
+    if not runs_child_by_child(module) or _has_hooks(module):
+        return module(inputs.pop())
+    if type(module).forward is nn.Sequential.forward:
         for child in module:
             inputs.append(run_releasing(child, inputs))
         return inputs.pop()
-    return module(inputs.pop())
+    # A ResidualUnit. MONAI's forward is ``conv(x) + residual(x)``: x lives until the sum and the sum is a third
+    # tensor. Here the shortcut comes first, x goes into the convs by hand-over (a projected x is freed after the first
+    # conv) and the shortcut is added into the convs' fresh output.
+    shortcut = module.residual(inputs[-1])
+    return run_releasing(module.conv, inputs).add_(shortcut)
+
+
+def runs_child_by_child(module: nn.Module) -> bool:
+    """Whether :func:`run_releasing` runs ``module``'s children itself (a plain ``nn.Sequential``, MONAI's
+    ``ResidualUnit``) rather than calling it: a memory timeline must not hook such a container, or it would be called
+    whole."""
+    return type(module).forward in (nn.Sequential.forward, ResidualUnit.forward)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from medunet.checks import parse_shape
+from medunet.networks.layers import runs_child_by_child
 
 MIB = 2**20
 METHODS = ("tensors", "allocator")
@@ -281,10 +282,10 @@ class _Recorder:
         self.baseline = torch.cuda.memory_allocated(device) if method == "allocator" else 0
         for name, module in net.named_modules():
             leaf = next(module.children(), None) is None
-            if not leaf and type(module).forward is nn.Sequential.forward:
+            if not leaf and runs_child_by_child(module):
                 # A hooked container is called as a whole, which would keep its input alive through it: the
-                # no-grad forward runs plain Sequentials child by child (networks.layers.run_releasing) only
-                # while they have no hooks. Their leaves carry their names anyway.
+                # no-grad forward runs plain Sequentials and residual units child by child
+                # (networks.layers.run_releasing) only while they have no hooks. Their leaves carry their names anyway.
                 continue
             self.handles.append(module.register_forward_pre_hook(self._pre(name or "<net>", leaf)))
             self.handles.append(module.register_forward_hook(self._post(name or "<net>", leaf)))
