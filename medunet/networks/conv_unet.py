@@ -20,6 +20,7 @@ from medunet.networks.layers import (
     NormType,
     PixelShuffle,
     PixelUnshuffle,
+    adn_order,
     conv_norm_act,
 )
 from medunet.networks.registry import register_class, register_preset
@@ -49,8 +50,8 @@ def conv_block(
     """
     if residual:
         return ResidualUnit(spatial_dims, in_channels, out_channels, kernel_size=3, subunits=convs,
-                            adn_ordering="".join(letter for letter in order if letter in "AND" and (letter != "D" or dropout)),
-                            act=act, norm=norm, dropout=dropout, bias=bias)
+                            adn_ordering=adn_order(order, act=act, norm=norm, dropout=dropout), act=act, norm=norm,
+                            dropout=dropout, bias=bias)
     layers = [
         conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size=3, act=act,
                       norm=norm, dropout=dropout, bias=bias, order=order)

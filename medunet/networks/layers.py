@@ -36,13 +36,7 @@ def conv_norm_act(
     the OneNet and STAMP/Lean-UNet authors use. ``act=None, norm=None`` gives a plain convolution.
     """
     conv_only = act is None and norm is None and not dropout
-    order = "".join(letter for letter in order if letter in "AND")
-    if not dropout:
-        order = order.replace("D", "")
-    if act is None:
-        order = order.replace("A", "")
-    if norm is None:
-        order = order.replace("N", "")
+    order = adn_order(order, act=act, norm=norm, dropout=dropout)
     return Convolution(
         spatial_dims,
         in_channels,
@@ -56,6 +50,18 @@ def conv_norm_act(
         bias=bias,
         conv_only=conv_only,
     )
+
+
+def adn_order(order: str, *, act: ActType, norm: NormType, dropout: DropoutType) -> str:
+    """MONAI's ``adn_ordering`` letters of ``order`` for the layers that exist: ``"AND"`` without dropout is ``"AN"``."""
+    order = "".join(letter for letter in order if letter in "AND")
+    if not dropout:
+        order = order.replace("D", "")
+    if act is None:
+        order = order.replace("A", "")
+    if norm is None:
+        order = order.replace("N", "")
+    return order
 
 
 def pointwise(spatial_dims: int, in_channels: int, out_channels: int, bias: bool = True) -> nn.Module:
