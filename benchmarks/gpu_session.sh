@@ -76,7 +76,7 @@ accuracy|recipe-effect)
         bench_out=$RECIPE_OUT; networks=${NETWORKS:-$ACCURACY_NETWORKS}; recipe=()
     else
         bench_out=$LIGHT_OUT; networks="monai_unet_spleen monai_segresnet"
-        recipe=(--set augment=light --set deep_supervision=0)
+        recipe=(--recipe light)
     fi
     # Runs unfinished in an earlier call come back as .devcarry/runs.tgz.part* and resume from their checkpoints.
     if ls .devcarry/runs.tgz.part* >/dev/null 2>&1; then cat .devcarry/runs.tgz.part* | tar xzf -; fi

@@ -14,7 +14,7 @@ def monai_bundle(*args: str, cwd: Path, tracking_uri: str | None = None) -> subp
     ``tracking_uri`` also goes into ``MLFLOW_TRACKING_URI``: MLflow lets that variable (set for the whole test
     session in conftest.py) win over the handler's ``tracking_uri`` for part of the logging.
     """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if tracking_uri is not None:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     done = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,

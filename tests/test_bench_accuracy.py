@@ -142,6 +142,13 @@ def test_the_recipe_is_nnunets_with_deep_supervision_where_a_decoder_has_room_an
     assert cpu["max_epochs"] * cpu["epoch_length"] < RECIPE["max_epochs"] * RECIPE["epoch_length"]
     with pytest.raises(MedunetError, match="protocol is 'tpu'.*Fix: --protocol gpu"):
         recipe_with(protocol="tpu")
+    # --recipe light is the recipe before issue 10 at either budget; --set still wins over it.
+    assert recipe_with(recipe="light") == LIGHT_RECIPE
+    light_cpu = recipe_with(protocol="cpu", recipe="light")
+    assert light_cpu == {**CPU_RECIPE, "augment": "light", "deep_supervision": 0}
+    assert recipe_with({"deep_supervision": 1}, protocol="cpu", recipe="light")["deep_supervision"] == 1
+    with pytest.raises(MedunetError, match="recipe is 'heavy'.*Fix: --recipe nnunet"):
+        recipe_with(recipe="heavy")
     assert deep_supervision_for("lunet_small_2f", 3) == 3 and deep_supervision_for("monai_segresnet", 3) == 0
     # A four-level decoder has two levels above the finest: it trains with both, not with none.
     assert deep_supervision_for("lunet_16f_4level_unshuffle_subpixel_in", 3) == 2

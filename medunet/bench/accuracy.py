@@ -69,7 +69,7 @@ from medunet.run_folder import (
 #: on (medunet's networks, DynUNet; :func:`deep_supervision_for`: MONAI's UNet and SegResNet have none). The
 #: training budget, 4,000 iterations (16,000 patches, about 96 passes over the 166 training cases of a fold), is
 #: the same for all: about 5 minutes per network on one H100 with 8 trainings sharing it, most of a day on 2 CPU
-#: cores. ``--set augment=light --set deep_supervision=0`` is the recipe before issue 10 (:data:`LIGHT_RECIPE`).
+#: cores. ``--recipe light`` is the recipe before issue 10 (:data:`LIGHT_RECIPE`, :data:`RECIPES`).
 RECIPE: dict[str, Any] = {
     "loss": {"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
     "learning_rate": 1e-3,
@@ -100,6 +100,12 @@ LIGHT_RECIPE: dict[str, Any] = {**RECIPE, "augment": "light", "deep_supervision"
 CPU_RECIPE: dict[str, Any] = {**RECIPE, "max_epochs": 20, "epoch_length": 50, "num_samples": 2}
 #: ``--protocol NAME`` -> recipe.
 PROTOCOLS: dict[str, dict[str, Any]] = {"gpu": RECIPE, "cpu": CPU_RECIPE}
+#: ``--recipe NAME`` -> the keys it changes in either protocol's budget: nnU-Net's recipe (the default) or the one
+#: before issue 10 (:data:`LIGHT_RECIPE`), which at the CPU budget scores every network higher (benchmarks/README.md).
+RECIPES: dict[str, dict[str, Any]] = {
+    "nnunet": {},
+    "light": {key: LIGHT_RECIPE[key] for key in ("augment", "deep_supervision")},
+}
 #: ``--quick``: the same recipe at a smoke-test budget (2 epochs x 4 iterations), loading only the cases used.
 QUICK_RECIPE: dict[str, Any] = {**RECIPE, "max_epochs": 2, "epoch_length": 4, "val_interval": 2, "cache": "none"}
 #: The value a workflow key had before it existed (run folders trained then are read back with it).
@@ -133,8 +139,10 @@ _IDENTITY_KEYS = ("network_name", "fold", "dataset_dir", "datalist")
 
 
 def recipe_with(overrides: Mapping[str, Any] | None = None, quick: bool = False,
-                epochs: int | None = None, epoch_length: int | None = None, protocol: str = "gpu") -> dict[str, Any]:
-    """The ``protocol``'s recipe (or :data:`QUICK_RECIPE`) with ``--epochs``, ``--epoch-length`` and other keys replaced.
+                epochs: int | None = None, epoch_length: int | None = None, protocol: str = "gpu",
+                recipe: str = "nnunet") -> dict[str, Any]:
+    """The ``protocol``'s budget (or :data:`QUICK_RECIPE`) of the named ``recipe``, with ``--epochs``,
+    ``--epoch-length`` and other keys replaced.
 
     Args:
         overrides: any workflow keys, e.g. ``{"patch_size": [16, 16, 16]}``.
@@ -142,17 +150,22 @@ def recipe_with(overrides: Mapping[str, Any] | None = None, quick: bool = False,
         epochs: ``max_epochs``.
         epoch_length: iterations per epoch.
         protocol: ``"gpu"`` (:data:`RECIPE`, the full budget) or ``"cpu"`` (:data:`CPU_RECIPE`).
+        recipe: ``"nnunet"`` (nnU-Net's augmentation, deep supervision) or ``"light"`` (:data:`RECIPES`).
     """
     if protocol not in PROTOCOLS:
         raise MedunetError(f"protocol is {protocol!r}; it must be one of {sorted(PROTOCOLS)}. Fix: --protocol gpu "
                            "(the full budget) or --protocol cpu (about 30 minutes per network on 2 cores).")
-    recipe = dict(QUICK_RECIPE if quick else PROTOCOLS[protocol])
+    if recipe not in RECIPES:
+        raise MedunetError(f"recipe is {recipe!r}; it must be one of {sorted(RECIPES)}. Fix: --recipe nnunet "
+                           "(nnU-Net's augmentation and deep supervision) or --recipe light (flips, intensity "
+                           "scale/shift, no deep supervision).")
+    chosen = {**(QUICK_RECIPE if quick else PROTOCOLS[protocol]), **RECIPES[recipe]}
     if epochs is not None:
-        recipe["max_epochs"] = int(epochs)
+        chosen["max_epochs"] = int(epochs)
     if epoch_length is not None:
-        recipe["epoch_length"] = int(epoch_length)
-    recipe.update(overrides or {})
-    return recipe
+        chosen["epoch_length"] = int(epoch_length)
+    chosen.update(overrides or {})
+    return chosen
 
 
 def deep_supervision_for(network: str, heads: int) -> int:

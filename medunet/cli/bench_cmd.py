@@ -12,6 +12,7 @@ from typing import Any
 from medunet.cli.common import add_tracking_arguments, device_name, non_negative_int, positive_int
 
 PROTOCOL_NAMES = ("gpu", "cpu")  # medunet.bench.accuracy.PROTOCOLS, named here so --help imports nothing heavy
+RECIPE_NAMES = ("nnunet", "light")  # medunet.bench.accuracy.RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--protocol", choices=PROTOCOL_NAMES, default="gpu",
                           help="training budget: gpu (the full recipe, medunet.bench.accuracy.RECIPE; default) or "
                           "cpu (whole Hippocampus volumes, about 30 minutes per network on 2 cores: CPU_RECIPE)")
+    accuracy.add_argument("--recipe", choices=RECIPE_NAMES, default="nnunet",
+                          help="nnunet (nnU-Net's augmentation and foreground oversampling, deep supervision; "
+                          "default) or light (flips, intensity scale/shift, no deep supervision: the recipe before "
+                          "issue 10). The same for every network; --set changes single keys")
     accuracy.add_argument("--bar", default="monai_segresnet",
                           help="the network to beat by 0.005 mean Dice (default monai_segresnet); compared like "
                           "the baseline")
@@ -178,7 +183,7 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
     for name in trained:
         get_preset(name)
     recipe = recipe_with(parse_settings(args.set), quick=args.quick, epochs=args.epochs,
-                         epoch_length=args.epoch_length, protocol=args.protocol)
+                         epoch_length=args.epoch_length, protocol=args.protocol, recipe=args.recipe)
     if args.compare is not None and not (args.compare / "accuracy.csv").is_file():
         raise MedunetError(f"--compare {args.compare}: no accuracy.csv there. Fix: pass the --out folder of a "
                            "finished 'medunet bench --accuracy' run.")
@@ -302,6 +307,7 @@ def _command_line(args: argparse.Namespace) -> str:
               ("--task-dir", args.task_dir), ("--workflow", args.workflow),
               ("--fold", args.fold or None), ("--folds", args.folds),
               ("--protocol", None if args.protocol == "gpu" else args.protocol),
+              ("--recipe", None if args.recipe == "nnunet" else args.recipe),
               ("--bar", None if args.bar == "monai_segresnet" else args.bar), ("--compare", args.compare),
               ("--epochs", args.epochs), ("--epoch-length", args.epoch_length),
               ("--accuracy-networks", args.accuracy_networks),
