@@ -57,6 +57,22 @@ def device_name(device: str | None = None) -> str:
     return str(device)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the instruction set torch's CPU kernels use (``AMD EPYC ..., AVX2``): CPU peak
+    memory and time depend on both (oneDNN picks its blocked layouts by instruction set)."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_description(device: str | None = None) -> str:
     """:func:`device_name`, with the thread count for the CPU (``CPU (2 threads)``): what a timing depends on."""
     import torch

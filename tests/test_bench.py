@@ -88,3 +88,13 @@ def test_sliding_window_throughput_feeds_the_network_its_input_channels() -> Non
     # The unshuffle stem's first convolution takes 8 channels; the network itself takes 1.
     net = build("lunet_small_8f_unshuffle", (1, 1, 32, 32, 32), out_channels=2)
     assert sliding_window_throughput(net, (40, 36, 32), roi_size=(32, 32, 32)) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the results head names the GPU there")
+def test_the_results_head_names_the_cpu_model_and_its_instruction_set() -> None:
+    # CPU peak memory and time depend on the instruction set (oneDNN's layouts): a figure needs its machine named.
+    from medunet.bench.results import provenance_line
+    from medunet.environment import cpu_model
+
+    line = provenance_line()
+    assert cpu_model() in line and torch.backends.cpu.get_cpu_capability() in line and line.count(", CPU (") == 1

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medunet.bench.efficiency import EfficiencyResult
-from medunet.environment import device_description, git_commit
+from medunet.environment import cpu_model, device_description, git_commit
 from medunet.profiling import comparison_rows, markdown_table
 from medunet.profiling.profiler import MIB
 
@@ -128,6 +128,8 @@ def provenance_line() -> str:
     # A copy of the tree without .git (e.g. on a lent GPU machine) names its commit in MEDUNET_COMMIT.
     commit = found[0][:7] if found else os.environ.get("MEDUNET_COMMIT", "unknown")
     device = device_description()
+    if device.startswith("CPU"):
+        device = f"{device}, {cpu_model()}"
     return (
         f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {device}, "
         f"torch {torch.__version__}, commit {commit}"
