@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from medunet.networks import create_network, get_preset
+from medunet.networks import layers
 from medunet.networks.layers import OneDNNConv3d, ShuffleConvTranspose3d, use_onednn_convs
 from medunet.profiling.profiler import count_macs
 from medunet.profiling.timeline import record_timeline
@@ -81,3 +82,38 @@ def test_up_convolution_by_slabs_is_the_transposed_convolution() -> None:
     assert torch.allclose(fast(x), reference(x), atol=1e-6)  # autograd: the ordinary kernel
     other = use_onednn_convs(nn.Sequential(nn.ConvTranspose3d(12, 5, 3, stride=2)))
     assert type(other[0]) is nn.ConvTranspose3d  # only the 2x2x2, stride-2 up-convolution is rewritten
+
+
+@pytest.mark.parametrize("options", [
+    {"padding": 1}, {"stride": 2, "padding": 1}, {"padding": 2, "dilation": 2}, {"groups": 4, "padding": 1},
+    {"kernel_size": 1}, {"kernel_size": 5, "padding": 2}, {"stride": 3},
+])
+def test_inference_convolution_by_slabs_is_the_whole_volume_convolution(monkeypatch, options: dict) -> None:
+    monkeypatch.setattr(layers, "SLAB_CONV_MIN_BYTES", 0)  # every output slabbed, even this small one
+    torch.manual_seed(0)
+    options = {"kernel_size": 3, **options}
+    fast = use_onednn_convs(nn.Sequential(nn.Conv3d(16, 8, **options)))[0]
+    x = torch.randn(2, 16, 37, 11, 9)  # 37 planes: slabs of 3 and a shorter last one; the ends zero-padded
+    with torch.no_grad():
+        out = fast(x)
+    whole = torch.mkldnn_convolution(x, fast.weight, fast.bias, list(fast.padding), list(fast.stride),
+                                     list(fast.dilation), fast.groups)
+    assert torch.equal(out, whole)  # the same products and sums per output voxel
+    assert torch.allclose(out, nn.functional.conv3d(x, fast.weight, fast.bias, fast.stride, fast.padding,
+                                                    fast.dilation, fast.groups), atol=1e-5)
+
+
+def test_slabs_are_for_large_outputs_without_autograd(monkeypatch) -> None:
+    calls: list[int] = []
+    real = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda x, *a: calls.append(x.shape[2]) or real(x, *a))
+    fast = use_onednn_convs(nn.Sequential(conv(padding=1)))[0]
+    big, small = torch.randn(1, 16, 64, 64, 64), torch.randn(1, 16, 8, 8, 8)  # outputs of 8 MiB and 16 KiB
+    with torch.no_grad():
+        fast(small)
+        assert calls == [8]
+        fast(big)
+        assert len(calls) == 1 + len(layers.slab_bounds(64)) and max(calls[1:]) < 64
+    calls.clear()
+    fast(big.requires_grad_())  # training: the whole volume, as autograd expects
+    assert calls == [64]

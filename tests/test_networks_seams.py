@@ -247,3 +247,41 @@ def test_the_residual_preset_is_the_instance_norm_preset_plus_shortcuts() -> Non
     residual.eval()
     with torch.no_grad():
         assert residual(torch.zeros(1, 1, 48, 64, 48)).shape == (1, 3, 48, 64, 48)
+
+
+# -- issue 10: deeper encoder levels where the volume is small ----------------------------------------------------
+def conv_count(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3) for m in module.modules())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_encoder_convs_sets_each_encoder_levels_depth_and_leaves_the_decoder(residual: bool) -> None:
+    net = LUNet(spatial_dims=3, in_channels=1, out_channels=2, widths=(2, 3, 4), encoder_convs=(1, 3, 4),
+                convs_per_block=2, residual=residual, stem="unshuffle")
+    assert [conv_count(stage) for stage in net.encoder] == [1, 3, 4]
+    assert [conv_count(stage.blocks) for stage in net.decoder] == [2, 2]
+    if residual:  # more than two convolutions: residual units of two, stacked as SegResNet stacks its blocks
+        from monai.networks.blocks import ResidualUnit
+
+        assert [len([m for m in stage.modules() if isinstance(m, ResidualUnit)]) for stage in net.encoder] == [1, 2, 2]
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize(("encoder_convs", "message"), [((2, 2), "lists 2 levels and widths 3"),
+                                                         ((2, 0, 2), "at least one convolution per level")])
+def test_encoder_convs_that_do_not_fit_the_widths_are_refused(encoder_convs: tuple, message: str) -> None:
+    with pytest.raises(MedunetError, match=message):
+        LUNet(spatial_dims=3, in_channels=1, out_channels=2, widths=(2, 3, 4), encoder_convs=encoder_convs)
+
+
+def test_the_deep_preset_fits_the_parameter_budget_and_the_task04_patch() -> None:
+    from medunet.networks import create_network
+
+    net = create_network("lunet_16f_4level_unshuffle_subpixel_deep_in_res", spatial_dims=3, in_channels=1,
+                         out_channels=3).eval()
+    assert [conv_count(stage) for stage in net.encoder] == [2, 2, 3, 4]
+    assert n_params(net) <= 4_809_920 // 10  # at most a tenth of the MONAI UNet's parameters
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 48, 64, 48)).shape == (1, 3, 48, 64, 48)

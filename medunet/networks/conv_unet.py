@@ -46,12 +46,19 @@ def conv_block(
     """``convs`` x [3x3(x3) conv -> activation/norm/dropout in ``order``] (STAMP uses conv-ReLU-BN-dropout).
 
     ``residual=True`` adds the block's input to its output (through a 1x1 conv where the widths differ): MONAI's
-    ``ResidualUnit`` with the same convolutions, as in the MONAI UNet (``num_res_units``) and SegResNet.
+    ``ResidualUnit`` with the same convolutions, as in the MONAI UNet (``num_res_units``) and SegResNet. More than two
+    convolutions make a stack of units of two (the last of one where ``convs`` is odd), as SegResNet stacks its
+    residual blocks.
     """
     if residual:
-        return ResidualUnit(spatial_dims, in_channels, out_channels, kernel_size=3, subunits=convs,
-                            adn_ordering=adn_order(order, act=act, norm=norm, dropout=dropout), act=act, norm=norm,
-                            dropout=dropout, bias=bias)
+        units = [
+            ResidualUnit(spatial_dims, in_channels if first == 0 else out_channels, out_channels, kernel_size=3,
+                         subunits=min(2, convs - first) if convs > 2 else convs,
+                         adn_ordering=adn_order(order, act=act, norm=norm, dropout=dropout), act=act, norm=norm,
+                         dropout=dropout, bias=bias)
+            for first in range(0, convs, 2 if convs > 2 else convs)
+        ]
+        return units[0] if len(units) == 1 else nn.Sequential(*units)
     layers = [
         conv_norm_act(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size=3, act=act,
                       norm=norm, dropout=dropout, bias=bias, order=order)
@@ -75,26 +82,34 @@ class ConvBlocks(UNetBlocks):
 
     def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
                  dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1,
-                 residual: bool = False) -> None:
+                 residual: bool = False, encoder_convs: Sequence[int] | None = None) -> None:
         if stem not in STEMS:
             raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
         if head_kernel < 1 or head_kernel % 2 == 0:
             raise MedunetError(f"head_kernel must be an odd kernel size (1, 3, ...), got {head_kernel!r}")
+        if encoder_convs is not None and (not encoder_convs or min(encoder_convs) < 1):
+            raise MedunetError(f"encoder_convs must give at least one convolution per level, got {encoder_convs!r}")
         self.head_kernel = head_kernel
         self.spatial_dims = spatial_dims
-        self.block_options = dict(convs=convs_per_block, act=act, norm=norm, dropout=dropout, bias=bias, order=order,
-                                  residual=residual)
+        self.convs_per_block = convs_per_block
+        self.encoder_convs = None if encoder_convs is None else [int(c) for c in encoder_convs]
+        self.block_options = dict(act=act, norm=norm, dropout=dropout, bias=bias, order=order, residual=residual)
         self.scale = 2**spatial_dims if stem == "unshuffle" else 1  # channels gained by the unshuffle stem
         self.input_stride = 2 if stem == "unshuffle" else 1
 
-    def block(self, in_channels: int, out_channels: int) -> nn.Sequential:
-        return conv_block(self.spatial_dims, in_channels, out_channels, **self.block_options)
+    def block(self, in_channels: int, out_channels: int, convs: int | None = None) -> nn.Module:
+        return conv_block(self.spatial_dims, in_channels, out_channels, convs=convs or self.convs_per_block,
+                          **self.block_options)
 
     def encoder_stage(self, level: int, widths: list[int], in_channels: int) -> nn.Module:
         d = self.spatial_dims
+        if self.encoder_convs is not None and len(self.encoder_convs) != len(widths):
+            raise MedunetError(f"encoder_convs lists {len(self.encoder_convs)} levels and widths {len(widths)}. "
+                               f"Fix: one convolution count per level, e.g. {[self.convs_per_block] * len(widths)}.")
+        convs = None if self.encoder_convs is None else self.encoder_convs[level]
         if level > 0:
-            return nn.Sequential(MaxPoolHalving(d), self.block(widths[level - 1], widths[level]))
-        first = self.block(in_channels * self.scale, widths[0])
+            return nn.Sequential(MaxPoolHalving(d), self.block(widths[level - 1], widths[level], convs))
+        first = self.block(in_channels * self.scale, widths[0], convs)
         return nn.Sequential(PixelUnshuffle(d, 2), first) if self.scale > 1 else first
 
     def decoder_stage(self, level: int, widths: list[int], merge: str) -> tuple[nn.Module, nn.Module, int]:
@@ -128,6 +143,7 @@ def conv_unet_parts(
     stem: str = "full",
     head_kernel: int = 1,
     residual: bool = False,
+    encoder_convs: Sequence[int] | None = None,
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
@@ -138,7 +154,7 @@ def conv_unet_parts(
     """
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
                         dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
-                        residual=residual)
+                        residual=residual, encoder_convs=encoder_convs)
     widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
     return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
@@ -172,6 +188,8 @@ class LUNet(UNetSkeleton):
         head_kernel: kernel of the head conv (default 1); 3 with the unshuffle stem is a sub-pixel convolution
             (:class:`ConvBlocks`).
         residual: residual conv blocks (MONAI's ``ResidualUnit``: the block's input added to its output).
+        encoder_convs: convolutions of each encoder level's block, finest first (e.g. ``(2, 2, 3, 4)``: deeper
+            where the volume is small, as SegResNet's ``blocks_down``); the decoder keeps ``convs_per_block``.
 
     Example::
 
@@ -199,11 +217,13 @@ class LUNet(UNetSkeleton):
         widths: Sequence[int] | None = None,
         head_kernel: int = 1,
         residual: bool = False,
+        encoder_convs: Sequence[int] | None = None,
     ) -> None:
         parts = conv_unet_parts(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
             levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
             dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel, residual=residual,
+            encoder_convs=encoder_convs,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
@@ -340,4 +360,12 @@ register_preset(
     "the width changes)",
     norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
     **_FOUR_LEVELS,
+)
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel_deep_in_res", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel_in_res deeper where the volume is small, as SegResNet: widths 16, 24, 32, 40 "
+    "with 2, 2, 3, 4 encoder convolutions (stacked residual units of two)",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
+    widths=(16, 24, 32, 40), encoder_convs=(2, 2, 3, 4), convs_per_block=2, stem="unshuffle", head_kernel=3,
+    test_overrides={"widths": (2, 3, 3, 4)},
 )

@@ -103,6 +103,11 @@ def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tens
 INFERENCE_SLABS = 16
 
 
+#: An inference convolution whose output is at least this large runs by slabs (:class:`OneDNNConv3d`): 16 channels at
+#: 64³ are 16 MiB, at 32³ 2 MiB.
+SLAB_CONV_MIN_BYTES = 8 * 2**20
+
+
 def slab_bounds(size: int, multiple: int = 1, slabs: int = INFERENCE_SLABS) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges covering ``range(size)``: about ``slabs`` of them, each starting at a multiple of
     ``multiple`` (so a stride-``multiple`` conv or a pixel-(un)shuffle by ``multiple`` maps slab to slab)."""
@@ -161,6 +166,35 @@ def run_releasing(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor
     # conv) and the shortcut is added into the convs' fresh output.
     shortcut = module.residual(inputs[-1])
     return run_releasing(module.conv, inputs).add_(shortcut)
+
+
+def concat_releasing(up: nn.Module, inputs: list[torch.Tensor], skips: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat([up(inputs.pop()), skips.pop()], dim=1)`` (a U-Net decoder's concatenating merge), with less alive.
+
+    ``torch.cat`` needs both parts and the result alive at once: at a lean network's finest level that is the peak
+    of inference (two 16 MiB parts and their 32 MiB concatenation at 1x1x128³ for 16 channels at half resolution).
+    Here the result is allocated first and the skip copied into it and freed before ``up`` runs; a 2x2x2
+    up-convolution on the CPU (:class:`ShuffleConvTranspose3d`) is then written straight into the result's first
+    channels, slab by slab, and any other ``up`` is computed and copied. The same values as ``torch.cat``, bit for
+    bit. ``up`` must say its ``out_channels`` (a transposed conv does); inputs and skips are handed over in lists,
+    emptied here, as for :func:`run_releasing`.
+    """
+    skip = skips.pop()
+    channels = up.out_channels
+    out = skip.new_empty(skip.shape[0], channels + skip.shape[1], *skip.shape[2:])
+    out[:, channels:].copy_(skip)
+    del skip
+    head = out[:, :channels]
+    if (isinstance(up, ShuffleConvTranspose3d) and not _has_hooks(up) and not torch.is_grad_enabled()
+            and inputs[-1].device.type == "cpu" and tuple(head.shape[2:]) == tuple(2 * s for s in inputs[-1].shape[2:])):
+        up._by_slabs(inputs.pop(), head)
+        return out
+    upsampled = run_releasing(up, inputs)
+    if upsampled.shape != head.shape:
+        raise ValueError(f"the upsampled feature {list(upsampled.shape)} does not match the skip it is concatenated "
+                         f"with ({list(head.shape)} for its channels): the encoder and decoder sizes disagree")
+    head.copy_(upsampled)
+    return out
 
 
 def runs_child_by_child(module: nn.Module) -> bool:
@@ -235,8 +269,44 @@ class OneDNNConv3d(nn.Conv3d):
     def _onednn(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _watched() or not torch.backends.mkldnn.is_available():
             return F.conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if not torch.is_grad_enabled():
+            out_depth = self._out_size(input.shape[2], 0)
+            out_bytes = input.shape[0] * self.out_channels * out_depth * input.element_size() * math.prod(
+                self._out_size(input.shape[axis], axis - 2) for axis in (3, 4))
+            if out_bytes >= SLAB_CONV_MIN_BYTES and out_depth > 1:
+                return self._by_slabs(input, weight, bias, out_depth)
         return torch.mkldnn_convolution(input, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
                                         self.groups)
+
+    def _out_size(self, size: int, axis: int) -> int:
+        reach = self.dilation[axis] * (self.kernel_size[axis] - 1)
+        return (size + 2 * self.padding[axis] - reach - 1) // self.stride[axis] + 1
+
+    @torch.jit.unused
+    def _by_slabs(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  out_depth: int) -> torch.Tensor:
+        """The convolution a slab of output depth at a time (:func:`slab_bounds`), each written into the output.
+
+        oneDNN converts a whole input and output to its blocked layouts and back, so one convolution of a large
+        volume holds about an output's worth of memory beside its input and output (39 MiB more than the 16 MiB
+        output for 32 -> 16 channels at 64³, one thread); by slabs that is a slab's worth, and the smaller working
+        set is no slower. Each slab reads the input rows its outputs need, zero-padded in depth at the volume's
+        ends; height and width are padded by the convolution as usual. Same products and sums per output, so the
+        same result (``torch.equal`` in the tests).
+        """
+        stride, pad, reach = self.stride[0], self.padding[0], self.dilation[0] * (self.kernel_size[0] - 1)
+        depth = input.shape[2]
+        out = input.new_empty(input.shape[0], self.out_channels, out_depth,
+                              self._out_size(input.shape[3], 1), self._out_size(input.shape[4], 2))
+        for start, stop in slab_bounds(out_depth):
+            first, last = start * stride - pad, (stop - 1) * stride - pad + reach + 1  # input rows [first, last)
+            rows = input[:, :, max(first, 0):min(last, depth)]
+            if first < 0 or last > depth:
+                rows = F.pad(rows, (0, 0, 0, 0, max(-first, 0), max(last - depth, 0)))
+            out[:, :, start:stop] = torch.mkldnn_convolution(
+                rows.contiguous(), weight, bias, [0, self.padding[1], self.padding[2]], list(self.stride),
+                list(self.dilation), self.groups)
+        return out
 
 
 class ShuffleConvTranspose3d(nn.ConvTranspose3d):
@@ -257,14 +327,18 @@ class ShuffleConvTranspose3d(nn.ConvTranspose3d):
                                   self.groups, self.dilation)
 
     @torch.jit.unused
-    def _by_slabs(self, input: torch.Tensor) -> torch.Tensor:
+    def _by_slabs(self, input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The up-convolution slab by slab, written into ``out`` (a new tensor if None; a view, such as the first
+        channels of a concatenation, works as well)."""
         if _watched():
-            return F.conv_transpose3d(input, self.weight, self.bias, 2)
+            upsampled = F.conv_transpose3d(input, self.weight, self.bias, 2)
+            return upsampled if out is None else out.copy_(upsampled)
+        b, _, d, h, w = input.shape
+        if out is None:
+            out = input.new_empty(b, self.out_channels, 2 * d, 2 * h, 2 * w)
         # weight (in, out, 2, 2, 2) -> a 1x1 conv whose output channel o * 8 + offset is pixel_shuffle's order.
         weight = self.weight.permute(1, 2, 3, 4, 0).reshape(-1, self.in_channels, 1, 1, 1)
         bias = None if self.bias is None else self.bias.repeat_interleave(8)
-        b, _, d, h, w = input.shape
-        out = input.new_empty(b, self.out_channels, 2 * d, 2 * h, 2 * w)
         for start, stop in slab_bounds(d):
             target, source = _shuffled_pair(out[:, :, 2 * start:2 * stop], F.conv3d(input[:, :, start:stop], weight, bias), 3, 2)
             target.copy_(source)

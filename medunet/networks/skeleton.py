@@ -33,7 +33,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import crop_spatial, pad_to_multiple, run_releasing
+from medunet.networks.layers import concat_releasing, crop_spatial, pad_to_multiple, run_releasing
 from medunet.networks.skips import SkipStrategy
 
 MERGE_MODES = ("concat", "add", "none")
@@ -269,7 +269,10 @@ class UNetSkeleton(nn.Module):
           ``nn.Sequential`` containers are run child by child (:func:`~medunet.networks.layers.run_releasing`):
           a stage's input is freed as soon as its first layer has its output, not when the whole stage returns;
         - a level that adds its skip (``merge="add"``) asks the skip strategy to add it into the decoder feature
-          (``add_into``, if the strategy has it: UNet--'s IEM adds through a pixel-shuffled view, no copy).
+          (``add_into``, if the strategy has it: UNet--'s IEM adds through a pixel-shuffled view, no copy);
+        - a level that concatenates its skip makes the concatenation first, copies the skip in and frees it, then
+          writes the upsampled feature into it (:func:`~medunet.networks.layers.concat_releasing`): the two parts are
+          never alive beside the whole.
 
         With autograd none of this saves anything (the graph keeps what backward needs), so training runs the plain
         loop above. TorchScript and the ONNX tracer also take the plain loop: this one recurses over modules of
@@ -286,6 +289,10 @@ class UNetSkeleton(nn.Module):
         add_into = getattr(self.skips, "add_into", None)
         top = len(self.decoder) - 1
         for i, stage in enumerate(self.decoder):
+            if stage.merge == "concat" and isinstance(getattr(stage.up, "out_channels", None), int):
+                slot.append(concat_releasing(stage.up, slot, [self.skips.expand(top - i, state)]))
+                slot.append(run_releasing(stage.blocks, slot))
+                continue
             slot.append(run_releasing(stage.up, slot))
             if stage.has_skip:
                 if stage.merge == "add" and add_into is not None:
