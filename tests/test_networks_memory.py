@@ -7,9 +7,10 @@ import types
 
 import pytest
 import torch
+from monai.networks.blocks import ResidualUnit
 from torch import nn
 
-from medunet.networks import UNetSkeleton, create_network, get_preset
+from medunet.networks import UNetSkeleton, create_network, get_preset, layers
 from medunet.networks.layers import (
     INFERENCE_SLABS,
     MaxPoolHalving,
@@ -261,3 +262,34 @@ def test_concatenating_merge_is_torch_cat_and_takes_its_inputs(up: nn.Module) ->
 def test_concatenating_merge_names_a_size_mismatch() -> None:
     with pytest.raises(ValueError, match="does not match the skip"), torch.no_grad():
         concat_releasing(nn.ConvTranspose3d(6, 4, 2, stride=2), [torch.randn(1, 6, 4, 4, 4)], [torch.randn(1, 5, 9, 8, 8)])
+
+
+@pytest.mark.parametrize("name", ["lunet_16f_4level_unshuffle_subpixel_in", "lunet_16f_4level_unshuffle_subpixel_in_res",
+                                  "lunet_16f_4level_unshuffle_subpixel_deep_in_res", "lunet_small_8f",
+                                  "unetmm_unet_small_8f_intermediate"])
+def test_large_volumes_split_the_first_convolution_over_the_concatenation(monkeypatch, name: str) -> None:
+    """What a 128³ volume takes (convolutions by slabs, the skip's share of the decoder's first convolution before the
+    up-convolution runs, the sub-pixel head written slab by slab), forced here on a small one."""
+    monkeypatch.setattr(layers, "SLAB_CONV_MIN_BYTES", 0)
+    net = build(name, 3)
+    shares: list[int] = []
+    real_share = layers.OneDNNConv3d.share
+    monkeypatch.setattr(layers.OneDNNConv3d, "share", lambda self, *a: shares.append(1) or real_share(self, *a))
+    x = torch.randn(1, 1, 32, 24, 40)
+    with torch.no_grad():
+        reference = plain_forward(net, x)
+        out = net(x)
+    concat_levels = sum(stage.merge == "concat" for stage in net.decoder)
+    residual = isinstance(net.decoder[0].blocks, ResidualUnit)
+    assert len(shares) == 2 * concat_levels * (2 if residual else 1)  # skip's and upsampled feature's, per conv
+    assert (out - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item())  # summed in another order
+
+
+def test_the_sub_pixel_head_by_slabs_is_the_shuffled_convolution(monkeypatch) -> None:
+    monkeypatch.setattr(layers, "SLAB_CONV_MIN_BYTES", 0)
+    head = build("lunet_16f_4level_unshuffle_subpixel_in", 3).head
+    assert isinstance(head, layers.SubPixelHead) and head._by_slabs_applies(torch.randn(1, 2, 4, 4, 4)) is False  # grad on
+    x = torch.randn(1, head[0].in_channels, 13, 6, 5)
+    with torch.no_grad():
+        assert head._by_slabs_applies(x)
+        assert torch.equal(head(x), head[1](head[0](x)))

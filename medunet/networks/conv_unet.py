@@ -20,6 +20,7 @@ from medunet.networks.layers import (
     NormType,
     PixelShuffle,
     PixelUnshuffle,
+    SubPixelHead,
     adn_order,
     conv_norm_act,
 )
@@ -121,7 +122,7 @@ class ConvBlocks(UNetBlocks):
         d = self.spatial_dims
         head: nn.Module = Conv[Conv.CONV, d](in_channels, out_channels * self.scale, kernel_size=self.head_kernel,
                                              padding=self.head_kernel // 2)
-        return nn.Sequential(head, PixelShuffle(d, 2)) if self.scale > 1 else head
+        return SubPixelHead(head, PixelShuffle(d, 2)) if self.scale > 1 else head
 
 
 def conv_unet_parts(

@@ -6,6 +6,7 @@ Everything here works for ``spatial_dims`` 2 and 3 from one code path and is Tor
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,9 @@ def run_releasing(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor
     """
     if not runs_child_by_child(module) or _has_hooks(module):
         return module(inputs.pop())
-    if type(module).forward is nn.Sequential.forward:
+    if type(module).forward is SubPixelHead.forward and module._by_slabs_applies(inputs[-1]):
+        return module(inputs.pop())
+    if type(module).forward in (nn.Sequential.forward, SubPixelHead.forward):
         for child in module:
             inputs.append(run_releasing(child, inputs))
         return inputs.pop()
@@ -197,11 +200,66 @@ def concat_releasing(up: nn.Module, inputs: list[torch.Tensor], skips: list[torc
     return out
 
 
+def concat_block_releasing(blocks: nn.Module, up: nn.Module, inputs: list[torch.Tensor],
+                           skips: list[torch.Tensor]) -> torch.Tensor:
+    """``blocks(torch.cat([up(inputs.pop()), skips.pop()], 1))`` without making the concatenation, where it can.
+
+    The block's first convolution (and, in a residual unit, its 1x1 projection) is linear in its input channels:
+    its output is the sum of each part's share (:meth:`OneDNNConv3d.share`). The skip's share is computed first and
+    the skip freed, then ``up`` runs and its share is added. So the decoder's last level holds at most three
+    feature-sized tensors (the skip or the upsampled feature, the conv's output, the shortcut) instead of the
+    concatenation (two) beside its parts and results. The same function up to float rounding (the sums are made
+    in another order). Where the block is not a plain ``nn.Sequential`` or ``ResidualUnit`` starting with a
+    :class:`OneDNNConv3d` that :meth:`~OneDNNConv3d.can_share`, or ``up`` is not a :class:`ShuffleConvTranspose3d`,
+    it runs :func:`concat_releasing` and the block as usual; so it does for outputs under ``SLAB_CONV_MIN_BYTES``.
+    Inputs are handed over in lists, as for :func:`run_releasing`.
+    """
+    plan = _split_plan(blocks)
+    large = plan is not None and skips[-1][:, :1].numel() * plan[0].out_channels * 4 >= SLAB_CONV_MIN_BYTES
+    if not large or not isinstance(up, ShuffleConvTranspose3d) or _has_hooks(up) or _watched():
+        inputs.append(concat_releasing(up, inputs, skips))
+        return run_releasing(blocks, inputs)
+    first, rest, projection = plan
+    skip = skips.pop()
+    channels = up.out_channels
+    out = first.share(skip, channels)
+    shortcut = None if projection is None else projection.share(skip, channels)
+    del skip
+    upsampled = run_releasing(up, inputs)
+    first.share(upsampled, 0, out)
+    if shortcut is not None:
+        projection.share(upsampled, 0, shortcut)
+    del upsampled
+    inputs.append(out)
+    del out
+    for module in rest:
+        inputs.append(run_releasing(module, inputs))
+    return inputs.pop() if shortcut is None else inputs.pop().add_(shortcut)
+
+
+def _split_plan(blocks: nn.Module) -> tuple[OneDNNConv3d, list[nn.Module], OneDNNConv3d | None] | None:
+    """``(first conv, what runs after it, residual projection or None)`` for :func:`concat_block_releasing`."""
+    projection = None
+    body = blocks
+    if type(blocks).forward is ResidualUnit.forward:
+        projection = blocks.residual
+        if not (type(projection) is OneDNNConv3d and projection.can_share()) or _has_hooks(blocks):
+            return None
+        body = blocks.conv
+    rest: list[nn.Module] = []
+    while type(body).forward is nn.Sequential.forward and not _has_hooks(body) and len(body) > 0:
+        rest = list(body)[1:] + rest
+        body = body[0]
+    if type(body) is not OneDNNConv3d or not body.can_share() or _has_hooks(body):
+        return None
+    return body, rest, projection
+
+
 def runs_child_by_child(module: nn.Module) -> bool:
     """Whether :func:`run_releasing` runs ``module``'s children itself (a plain ``nn.Sequential``, MONAI's
-    ``ResidualUnit``) rather than calling it: a memory timeline must not hook such a container, or it would be called
-    whole."""
-    return type(module).forward in (nn.Sequential.forward, ResidualUnit.forward)
+    ``ResidualUnit``, a :class:`SubPixelHead` where it does not run by slabs) rather than calling it: a memory
+    timeline must not hook such a container, or it would be called whole."""
+    return type(module).forward in (nn.Sequential.forward, ResidualUnit.forward, SubPixelHead.forward)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -283,8 +341,24 @@ class OneDNNConv3d(nn.Conv3d):
         return (size + 2 * self.padding[axis] - reach - 1) // self.stride[axis] + 1
 
     @torch.jit.unused
+    def share(self, input: torch.Tensor, first_channel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """What input channels ``first_channel, first_channel + 1, ...`` (``input``'s) contribute to this convolution
+        of a concatenation, by slabs, added into ``out`` (or a new tensor, with the bias). The shares of the parts of
+        ``torch.cat(parts, 1)`` sum to the convolution of it (up to float rounding: another summation order), so a
+        part can be freed as soon as its share is in. Inference only: a stride-1 3D convolution of one group."""
+        weight = self.weight[:, first_channel:first_channel + input.shape[1]].contiguous()
+        bias = self.bias if out is None else None
+        return self._by_slabs(input, weight, bias, self._out_size(input.shape[2], 0), out)
+
+    def can_share(self) -> bool:
+        """Whether :meth:`share` computes this convolution: stride 1, one group, zero padding, output size = input size."""
+        return (self.stride == (1, 1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)
+                and all(2 * p == d * (k - 1) for p, d, k in zip(self.padding, self.dilation, self.kernel_size)))
+
+    @torch.jit.unused
     def _by_slabs(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  out_depth: int) -> torch.Tensor:
+                  out_depth: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution a slab of output depth at a time (:func:`slab_bounds`), each written into the output.
 
         oneDNN converts a whole input and output to its blocked layouts and back, so one convolution of a large
@@ -292,21 +366,33 @@ class OneDNNConv3d(nn.Conv3d):
         output for 32 -> 16 channels at 64³, one thread); by slabs that is a slab's worth, and the smaller working
         set is no slower. Each slab reads the input rows its outputs need, zero-padded in depth at the volume's
         ends; height and width are padded by the convolution as usual. Same products and sums per output, so the
-        same result (``torch.equal`` in the tests).
+        same result (``torch.equal`` in the tests). With ``out`` each slab is added into it instead.
         """
+        accumulate = out is not None
+        if out is None:
+            out = input.new_empty(input.shape[0], self.out_channels, out_depth,
+                                  self._out_size(input.shape[3], 1), self._out_size(input.shape[4], 2))
+        for start, stop, slab in self.slabs(input, weight, bias, out_depth):
+            if accumulate:
+                out[:, :, start:stop] += slab
+            else:
+                out[:, :, start:stop] = slab
+        return out
+
+    @torch.jit.unused
+    def slabs(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              out_depth: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, output planes start..stop-1)`` of this convolution with ``weight`` and ``bias``, slab by slab."""
         stride, pad, reach = self.stride[0], self.padding[0], self.dilation[0] * (self.kernel_size[0] - 1)
         depth = input.shape[2]
-        out = input.new_empty(input.shape[0], self.out_channels, out_depth,
-                              self._out_size(input.shape[3], 1), self._out_size(input.shape[4], 2))
         for start, stop in slab_bounds(out_depth):
             first, last = start * stride - pad, (stop - 1) * stride - pad + reach + 1  # input rows [first, last)
             rows = input[:, :, max(first, 0):min(last, depth)]
             if first < 0 or last > depth:
                 rows = F.pad(rows, (0, 0, 0, 0, max(-first, 0), max(last - depth, 0)))
-            out[:, :, start:stop] = torch.mkldnn_convolution(
-                rows.contiguous(), weight, bias, [0, self.padding[1], self.padding[2]], list(self.stride),
-                list(self.dilation), self.groups)
-        return out
+            yield start, stop, torch.mkldnn_convolution(rows.contiguous(), weight, bias,
+                                                        [0, self.padding[1], self.padding[2]], list(self.stride),
+                                                        list(self.dilation), self.groups)
 
 
 class ShuffleConvTranspose3d(nn.ConvTranspose3d):
@@ -400,6 +486,51 @@ def use_onednn_convs(network: nn.Module) -> nn.Module:
         elif _is_up_convolution(module):
             module.__class__ = ShuffleConvTranspose3d
     return network
+
+
+class SubPixelHead(nn.Sequential):
+    """A convolution to ``C x factor**dims`` channels, then :class:`PixelShuffle` (the unshuffle stem's head).
+
+    At inference on the CPU, a 3D head of a large output runs the convolution by slabs
+    (:meth:`OneDNNConv3d.slabs`) and writes each slab pixel-shuffled into the output, so the convolution's whole
+    output (as large as the logits) is never made beside them. Same values, bit for bit. Otherwise, and in
+    training, TorchScript and the ONNX exporter, it is the ``nn.Sequential`` it subclasses (same state-dict keys).
+    """
+
+    def __init__(self, conv: nn.Module, shuffle: PixelShuffle) -> None:
+        super().__init__(conv, shuffle)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._eager(input)
+        for module in self:
+            input = module(input)
+        return input
+
+    @torch.jit.unused
+    def _eager(self, input: torch.Tensor) -> torch.Tensor:
+        if self._by_slabs_applies(input):
+            return self._by_slabs(input)
+        for module in self:
+            input = module(input)
+        return input
+
+    def _by_slabs_applies(self, input: torch.Tensor) -> bool:
+        conv, shuffle = self[0], self[1]
+        return (type(conv) is OneDNNConv3d and conv.can_share() and shuffle.spatial_dims == 3
+                and not torch.is_grad_enabled() and input.device.type == "cpu" and input.dtype == torch.float32
+                and input[:, :1].numel() * conv.out_channels * input.element_size() >= SLAB_CONV_MIN_BYTES
+                and torch.backends.mkldnn.is_available() and not _watched()
+                and not any(_has_hooks(module) for module in self))
+
+    def _by_slabs(self, input: torch.Tensor) -> torch.Tensor:
+        conv, factor = self[0], self[1].factor
+        b, _, d, h, w = input.shape
+        out = input.new_empty(b, conv.out_channels // factor**3, d * factor, h * factor, w * factor)
+        for start, stop, slab in conv.slabs(input, conv.weight, conv.bias, d):
+            target, source = _shuffled_pair(out[:, :, factor * start:factor * stop], slab, 3, factor)
+            target.copy_(source)
+        return out
 
 
 class MaxPoolHalving(nn.Module):

@@ -33,7 +33,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medunet.errors import MedunetError
-from medunet.networks.layers import concat_releasing, crop_spatial, pad_to_multiple, run_releasing
+from medunet.networks.layers import concat_block_releasing, crop_spatial, pad_to_multiple, run_releasing
 from medunet.networks.skips import SkipStrategy
 
 MERGE_MODES = ("concat", "add", "none")
@@ -262,17 +262,20 @@ class UNetSkeleton(nn.Module):
     def _forward_releasing(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` without autograd (``torch.no_grad()``, ``torch.inference_mode()``), freeing as it goes.
 
-        The same layers on the same tensors, in the same order, so the output is the same, bit for bit. Two things
-        differ, both for the peak memory of inference:
+        The same layers on the same tensors, so the output is the same, bit for bit where no level splits a
+        convolution over a concatenation (below). Three things differ, all for the peak memory of inference:
 
         - every tensor is handed from layer to layer in one list, never kept in a variable, and the stages' plain
           ``nn.Sequential`` containers are run child by child (:func:`~medunet.networks.layers.run_releasing`):
           a stage's input is freed as soon as its first layer has its output, not when the whole stage returns;
         - a level that adds its skip (``merge="add"``) asks the skip strategy to add it into the decoder feature
           (``add_into``, if the strategy has it: UNet--'s IEM adds through a pixel-shuffled view, no copy);
-        - a level that concatenates its skip makes the concatenation first, copies the skip in and frees it, then
-          writes the upsampled feature into it (:func:`~medunet.networks.layers.concat_releasing`): the two parts are
-          never alive beside the whole.
+        - a level that concatenates its skip does not make the concatenation where its block starts with a
+          convolution: the skip's share of that convolution is computed and the skip freed before the up-convolution
+          runs, then the upsampled feature's share is added
+          (:func:`~medunet.networks.layers.concat_block_releasing`; float rounding apart, the same output). Otherwise
+          the concatenation is made first, the skip copied in and freed, and the upsampled feature written into it
+          (:func:`~medunet.networks.layers.concat_releasing`).
 
         With autograd none of this saves anything (the graph keeps what backward needs), so training runs the plain
         loop above. TorchScript and the ONNX tracer also take the plain loop: this one recurses over modules of
@@ -290,8 +293,7 @@ class UNetSkeleton(nn.Module):
         top = len(self.decoder) - 1
         for i, stage in enumerate(self.decoder):
             if stage.merge == "concat" and isinstance(getattr(stage.up, "out_channels", None), int):
-                slot.append(concat_releasing(stage.up, slot, [self.skips.expand(top - i, state)]))
-                slot.append(run_releasing(stage.blocks, slot))
+                slot.append(concat_block_releasing(stage.blocks, stage.up, slot, [self.skips.expand(top - i, state)]))
                 continue
             slot.append(run_releasing(stage.up, slot))
             if stage.has_skip:
