@@ -117,3 +117,15 @@ def test_slabs_are_for_large_outputs_without_autograd(monkeypatch) -> None:
     calls.clear()
     fast(big.requires_grad_())  # training: the whole volume, as autograd expects
     assert calls == [64]
+
+
+def test_the_environment_can_turn_inference_slabs_off() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert os.environ.get("MEDUNET_INFERENCE_SLABS") is None and layers.SLAB_CONV_MIN_BYTES == 8 * 2**20
+    code = "import medunet.networks.layers as l; print(l.SLAB_CONV_MIN_BYTES)"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MEDUNET_INFERENCE_SLABS": "0"})
+    assert off.stdout.strip() == "inf"

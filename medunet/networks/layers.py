@@ -6,6 +6,7 @@ Everything here works for ``spatial_dims`` 2 and 3 from one code path and is Tor
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -104,9 +105,11 @@ def pixel_shuffle(x: torch.Tensor, spatial_dims: int, factor: int) -> torch.Tens
 INFERENCE_SLABS = 16
 
 
-#: An inference convolution whose output is at least this large runs by slabs (:class:`OneDNNConv3d`): 16 channels at
-#: 64³ are 16 MiB, at 32³ 2 MiB.
-SLAB_CONV_MIN_BYTES = 8 * 2**20
+#: An inference convolution whose output is at least this large runs by slabs (:class:`OneDNNConv3d`; also the split
+#: convolution over a concatenation and the sub-pixel head): 16 channels at 64³ are 16 MiB, at 32³ 2 MiB.
+#: ``MEDUNET_INFERENCE_SLABS=0`` in the environment turns all three off (whole-volume convolutions, bit for bit the
+#: plain composition), e.g. to measure what they save.
+SLAB_CONV_MIN_BYTES: float = 8 * 2**20 if os.environ.get("MEDUNET_INFERENCE_SLABS", "1") != "0" else math.inf
 
 
 def slab_bounds(size: int, multiple: int = 1, slabs: int = INFERENCE_SLABS) -> list[tuple[int, int]]:
