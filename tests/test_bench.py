@@ -98,3 +98,21 @@ def test_the_results_head_names_the_cpu_model_and_its_instruction_set() -> None:
 
     line = provenance_line()
     assert cpu_model() in line and torch.backends.cpu.get_cpu_capability() in line and line.count(", CPU (") == 1
+
+
+def test_interleaved_latency_times_every_network_in_turn(monkeypatch) -> None:
+    from medunet.bench import efficiency
+
+    order: list[str] = []
+    real_build = efficiency.build
+
+    def traced(name, shape, **overrides):
+        net = real_build(name, shape, **overrides)
+        net.register_forward_hook(lambda *_: order.append(name))
+        return net
+
+    monkeypatch.setattr(efficiency, "build", traced)
+    latency = efficiency.interleaved_latency(["lunet_small_1f", "lunet_small_2f"], "1x1x16x16x16", repeats=3)
+    assert set(latency) == {"lunet_small_1f", "lunet_small_2f"} and min(latency.values()) > 0
+    # one warm-up each, then three rounds that alternate: a drift in time reaches both networks alike
+    assert order == ["lunet_small_1f", "lunet_small_2f"] * 4

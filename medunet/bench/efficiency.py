@@ -9,6 +9,12 @@ CPU peak-memory figures move by about +-0.15 of the baseline between runs on a s
 ``repeats_memory=3`` (``medunet bench --repeats-memory 3``) measures each peak three times, each in a fresh
 process, and reports the median (every measurement is kept in ``memory_runs``). On a GPU the CUDA allocator's
 figures are exact and one measurement is enough.
+
+CPU latency drifts too (turbo, other load: the same network measured 30% apart minutes later), and a network
+timed a minute after the baseline sees another machine state. So after the profiles, the forward latencies at each
+shape are measured again round-robin: every network built once, warmed up, then timed in turn, ``repeats``
+rounds, the median per network (:func:`interleaved_latency`). A drift then moves every network's figure alike and
+the ratios to the baseline hold.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from tqdm import tqdm
 
+from medunet.checks import parse_shape
 from medunet.profiling import ProfileResult, profile
 from medunet.profiling.profiler import build, measure_peak
 
@@ -121,7 +128,37 @@ def run_efficiency(
         is_3d = len(result.input_shape) == 5
         runs = _repeat_memory(result, name, device, train, repeats_memory, out_channels) if memory else {}
         results.append(EfficiencyResult(result, throughput.get(name) if is_3d else None, runs))
+    if len(networks) > 1:
+        for shape in shapes:
+            latency = interleaved_latency(networks, shape, device=device, repeats=repeats, out_channels=out_channels)
+            for item in results:
+                if item.profile.input_shape == parse_shape(shape):
+                    item.profile.latency_ms = latency[item.profile.name]
     return results
+
+
+def interleaved_latency(networks: list[str], shape: str, device: str = "cpu", repeats: int = 3,
+                        out_channels: int = 2) -> dict[str, float]:
+    """Median no-grad forward milliseconds of each network at ``shape``, the networks timed in turn, ``repeats``
+    rounds after one warm-up forward each, so that a drift of the machine's speed reaches them all alike."""
+    dims = parse_shape(shape)
+    nets = {name: build(name, dims, out_channels=out_channels).to(device).eval() for name in networks}
+    x = torch.randn(dims, device=device)
+    times: dict[str, list[float]] = {name: [] for name in networks}
+    cuda = torch.device(device).type == "cuda"
+    with torch.no_grad():
+        for net in nets.values():
+            net(x)
+        for _ in tqdm(range(repeats), desc=f"latency, interleaved, {shape}", unit="round"):
+            for name, net in nets.items():
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                net(x)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _repeat_memory(result: ProfileResult, name: str, device: str, train: bool, repeats: int,

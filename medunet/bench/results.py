@@ -186,7 +186,8 @@ def pareto_plot(
 
 HOW_TO_READ = """\
 How to read this: the efficiency tables give each network's cost at fixed inputs; a figure in brackets is
-the ratio to the baseline measured in the same run (below 1x: cheaper). The accuracy table gives Dice on the
+the ratio to the baseline measured in the same run (below 1x: cheaper); forward latencies are medians of the
+networks timed in turn, round after round, so a drift of the machine's speed reaches them alike. The accuracy table gives Dice on the
 validation cases of one fold after every network was trained with the same recipe and budget (the model of
 the last epoch; the bracket is the difference in mean Dice to the baseline). A network is worth its place
 when no other is both cheaper and at least as accurate: it lies on the upper-left edge of the plots. The
