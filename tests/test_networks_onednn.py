@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from medunet.networks import create_network, get_preset
-from medunet.networks import layers
+from medunet.networks import create_network, get_preset, layers
 from medunet.networks.layers import OneDNNConv3d, ShuffleConvTranspose3d, use_onednn_convs
 from medunet.profiling.profiler import count_macs
 from medunet.profiling.timeline import record_timeline
