@@ -10,10 +10,10 @@
 #
 # Each accuracy mode resumes: rerun it (with the runs.tgz parts of the last call in .devcarry/) until it prints the
 # tables; FOLDS="0 1 2 3 4" for five folds. A 15-minute device budget holds about one call: NETWORKS="monai_segresnet
-# lunet_small_16f_unshuffle_wide lunet_small_16f_unshuffle_wide_subpixel lunet_16f_4level_unshuffle_subpixel_in
-# lunet_16f_4level_unshuffle_subpixel_in_res" JOBS=18 trains the six networks the CPU protocol has on folds 0 1 2
-# (issue 10's comparison, and its rank agreement with the full recipe) at once (any registry names; the MONAI UNet is
-# always trained too, as the bench's baseline).
+# lunet_small_16f_unshuffle_wide_subpixel lunet_16f_4level_unshuffle_subpixel_in lunet_16f_4level_unshuffle_subpixel_in_res
+# lunet_16f_4level_unshuffle_subpixel_deep_in_res" JOBS=18 trains six networks the CPU protocol has on folds 0 1 2
+# (issue 10's comparison: the corner candidates, and their rank agreement with the full recipe) at once (any registry
+# names; the MONAI UNet is always trained too, as the bench's baseline).
 # .devcarry/ is filled by `bash benchmarks/gpu_prepare.sh`; the device call names it in its carry.
 # Afterwards, on the CPU machine (efficiency half, median of 3 memory runs):
 #   medunet bench --accuracy --folds 0 1 2 --out benchmarks/recipe_gpu --results benchmarks/RESULTS.md --repeats-memory 3
