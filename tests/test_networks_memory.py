@@ -293,3 +293,14 @@ def test_the_sub_pixel_head_by_slabs_is_the_shuffled_convolution(monkeypatch) ->
     with torch.no_grad():
         assert head._by_slabs_applies(x)
         assert torch.equal(head(x), head[1](head[0](x)))
+
+
+def test_the_split_convolution_is_for_float32_on_the_cpu_only(monkeypatch) -> None:
+    monkeypatch.setattr(layers, "SLAB_CONV_MIN_BYTES", 0)
+    net = build("lunet_16f_4level_unshuffle_subpixel_in_res", 3).to(torch.bfloat16)
+    shares: list[int] = []
+    monkeypatch.setattr(layers.OneDNNConv3d, "share", lambda *a: shares.append(1))
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = net(x)
+    assert shares == [] and out.dtype == torch.bfloat16 and out.shape == (1, 3, 32, 32, 32)

@@ -214,11 +214,15 @@ def concat_block_releasing(blocks: nn.Module, up: nn.Module, inputs: list[torch.
     concatenation (two) beside its parts and results. The same function up to float rounding (the sums are made
     in another order). Where the block is not a plain ``nn.Sequential`` or ``ResidualUnit`` starting with a
     :class:`OneDNNConv3d` that :meth:`~OneDNNConv3d.can_share`, or ``up`` is not a :class:`ShuffleConvTranspose3d`,
-    it runs :func:`concat_releasing` and the block as usual; so it does for outputs under ``SLAB_CONV_MIN_BYTES``.
+    it runs :func:`concat_releasing` and the block as usual; so it does for outputs under ``SLAB_CONV_MIN_BYTES``
+    and for anything but float32 on the CPU (oneDNN's kernels, as :class:`OneDNNConv3d`).
     Inputs are handed over in lists, as for :func:`run_releasing`.
     """
     plan = _split_plan(blocks)
-    large = plan is not None and skips[-1][:, :1].numel() * plan[0].out_channels * 4 >= SLAB_CONV_MIN_BYTES
+    skip = skips[-1]
+    large = (plan is not None and skip.device.type == "cpu" and skip.dtype == torch.float32
+             and skip[:, :1].numel() * plan[0].out_channels * 4 >= SLAB_CONV_MIN_BYTES)
+    del skip  # the list holds the skip; a name here would keep it alive past concat_releasing
     if not large or not isinstance(up, ShuffleConvTranspose3d) or _has_hooks(up) or _watched():
         inputs.append(concat_releasing(up, inputs, skips))
         return run_releasing(blocks, inputs)
