@@ -285,3 +285,85 @@ def test_the_deep_preset_fits_the_parameter_budget_and_the_task04_patch() -> Non
     assert n_params(net) <= 4_809_920 // 10  # at most a tenth of the MONAI UNet's parameters
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 48, 64, 48)).shape == (1, 3, 48, 64, 48)
+
+
+# -- issue 10: the head that reads the image (head_image) ---------------------------------------------------------
+IMAGE_PRESET = "lunet_16f_4level_unshuffle_subpixel_in_image"
+
+
+def image_guided(seed: int = 0, weight_seed: int | None = 1) -> nn.Module:
+    """The image-guided preset at test size, its image map given random weights (``weight_seed``) or left at zero."""
+    from medunet.networks import create_network, get_preset
+
+    torch.manual_seed(seed)
+    net = create_network(IMAGE_PRESET, spatial_dims=3, in_channels=1, out_channels=3,
+                         **get_preset(IMAGE_PRESET).test_overrides)
+    if weight_seed is not None:
+        with torch.no_grad():
+            net.head.image.weight.copy_(torch.randn(net.head.image.weight.shape,
+                                                    generator=torch.Generator().manual_seed(weight_seed)))
+    return net
+
+
+def test_the_image_guided_head_starts_as_the_plain_sub_pixel_head() -> None:
+    """Its image map starts at zero and is built after everything else: the same seed gives the plain preset's
+    network and output, plus 8 x 8 x 3 weights."""
+    from medunet.networks import create_network, get_preset
+
+    plain_name = "lunet_16f_4level_unshuffle_subpixel_in"
+    torch.manual_seed(0)
+    plain = create_network(plain_name, spatial_dims=3, in_channels=1, out_channels=3,
+                           **get_preset(plain_name).test_overrides).eval()
+    guided = image_guided(weight_seed=None).eval()
+    assert n_params(guided) - n_params(plain) == 8 * 8 * 3
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(guided(x), plain(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_image_guided_head_adds_each_blocks_own_intensities_to_its_logits(grad: bool) -> None:
+    """Its share of the logits is a 1x1 map of each 2x2x2 block's 8 voxels: one voxel of the image changed moves
+    the image share of its own block's logits only. Checked on the slab path (no autograd) and the plain one."""
+    from medunet.networks.layers import pixel_shuffle, pixel_unshuffle
+
+    head = image_guided().head.eval()
+    features = torch.randn(1, head.head[0].in_channels, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+    image = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    bumped = image.clone()
+    bumped[0, 0, 5, 6, 7] += 1.0
+    with torch.set_grad_enabled(grad):
+        base, moved, alone = head(features, image), head(features, bumped), head.head(features)
+    expected = pixel_shuffle(head.image(pixel_unshuffle(image, 3, 2)), 3, 2)
+    torch.testing.assert_close(base - alone, expected, atol=1e-5, rtol=1e-5)
+    changed = (moved - base).abs().sum(1)[0] > 1e-6
+    assert changed[4:6, 6:8, 6:8].all() and int(changed.sum()) == 8  # the voxel's own 2x2x2 block, all of it
+
+
+def test_the_image_guided_network_is_the_same_by_slabs_scripted_and_trained() -> None:
+    """Inference (the releasing forward, image share by slabs), the plain loop, TorchScript: the same logits. In
+    training the loss reaches the image map."""
+    net = image_guided().eval()
+    x = torch.randn(1, 1, 48, 64, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        released = net(x)
+        scripted = torch.jit.script(net)(x)
+    plain = net._forward_plain(x)
+    torch.testing.assert_close(released, plain.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scripted, plain.detach(), atol=1e-4, rtol=1e-4)
+    net.train()
+    net(x[:, :, :32, :32, :32]).square().mean().backward()
+    assert net.head.image.weight.grad is not None and net.head.image.weight.grad.abs().sum() > 0
+
+
+def test_the_image_guided_network_exports_to_onnx(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from medunet.bundle.onnx import export_onnx
+
+    exported = export_onnx(image_guided(), tmp_path / "model.onnx", (1, 1, 32, 32, 32), conv3d_as_2d=True)
+    assert exported.max_abs_difference < 1e-3
+
+
+def test_the_image_guided_head_needs_the_unshuffle_stem() -> None:
+    with pytest.raises(MedunetError, match="only the unshuffle stem has"):
+        LUNet(spatial_dims=3, in_channels=1, out_channels=2, widths=(2, 3), head_image=True)

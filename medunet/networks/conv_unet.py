@@ -16,6 +16,7 @@ from medunet.errors import MedunetError
 from medunet.networks.layers import (
     ActType,
     DropoutType,
+    ImageGuidedHead,
     MaxPoolHalving,
     NormType,
     PixelShuffle,
@@ -79,18 +80,27 @@ class ConvBlocks(UNetBlocks):
     ``head_kernel=3`` makes the head conv a kxk one: with the unshuffle stem it is a sub-pixel convolution (Shi et
     al., ESPCN, CVPR 2016), so the logits of the 2x2x2 full-resolution voxels that one half-resolution voxel becomes
     see its whole neighbourhood instead of that voxel's features alone.
+
+    ``head_image=True`` (unshuffle stem only) adds the image itself to those logits: each 2x2x2 block's voxel
+    intensities through a 1x1 map (:class:`~medunet.networks.layers.ImageGuidedHead`, ``image_channels`` inputs).
     """
 
     def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
                  dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1,
-                 residual: bool = False, encoder_convs: Sequence[int] | None = None) -> None:
+                 residual: bool = False, encoder_convs: Sequence[int] | None = None, head_image: bool = False,
+                 image_channels: int = 1) -> None:
         if stem not in STEMS:
             raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
         if head_kernel < 1 or head_kernel % 2 == 0:
             raise MedunetError(f"head_kernel must be an odd kernel size (1, 3, ...), got {head_kernel!r}")
         if encoder_convs is not None and (not encoder_convs or min(encoder_convs) < 1):
             raise MedunetError(f"encoder_convs must give at least one convolution per level, got {encoder_convs!r}")
+        if head_image and stem != "unshuffle":
+            raise MedunetError("head_image=True reads the image block by block into the sub-pixel head, which only the "
+                               "unshuffle stem has. Fix: stem=\"unshuffle\", or head_image=False.")
         self.head_kernel = head_kernel
+        self.head_reads_input = head_image
+        self.image_channels = image_channels
         self.spatial_dims = spatial_dims
         self.convs_per_block = convs_per_block
         self.encoder_convs = None if encoder_convs is None else [int(c) for c in encoder_convs]
@@ -122,7 +132,10 @@ class ConvBlocks(UNetBlocks):
         d = self.spatial_dims
         head: nn.Module = Conv[Conv.CONV, d](in_channels, out_channels * self.scale, kernel_size=self.head_kernel,
                                              padding=self.head_kernel // 2)
-        return SubPixelHead(head, PixelShuffle(d, 2)) if self.scale > 1 else head
+        if self.scale == 1:
+            return head
+        sub_pixel = SubPixelHead(head, PixelShuffle(d, 2))
+        return ImageGuidedHead(sub_pixel, self.image_channels) if self.head_reads_input else sub_pixel
 
 
 def conv_unet_parts(
@@ -145,6 +158,7 @@ def conv_unet_parts(
     head_kernel: int = 1,
     residual: bool = False,
     encoder_convs: Sequence[int] | None = None,
+    head_image: bool = False,
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
@@ -155,7 +169,8 @@ def conv_unet_parts(
     """
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
                         dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
-                        residual=residual, encoder_convs=encoder_convs)
+                        residual=residual, encoder_convs=encoder_convs, head_image=head_image,
+                        image_channels=in_channels)
     widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
     return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
@@ -191,6 +206,8 @@ class LUNet(UNetSkeleton):
         residual: residual conv blocks (MONAI's ``ResidualUnit``: the block's input added to its output).
         encoder_convs: convolutions of each encoder level's block, finest first (e.g. ``(2, 2, 3, 4)``: deeper
             where the volume is small, as SegResNet's ``blocks_down``); the decoder keeps ``convs_per_block``.
+        head_image: with the unshuffle stem, the head also reads each 2x2x2 block's voxel intensities (a 1x1 map
+            added to its logits, :class:`~medunet.networks.layers.ImageGuidedHead`).
 
     Example::
 
@@ -219,12 +236,13 @@ class LUNet(UNetSkeleton):
         head_kernel: int = 1,
         residual: bool = False,
         encoder_convs: Sequence[int] | None = None,
+        head_image: bool = False,
     ) -> None:
         parts = conv_unet_parts(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
             levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
             dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel, residual=residual,
-            encoder_convs=encoder_convs,
+            encoder_convs=encoder_convs, head_image=head_image,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
@@ -369,4 +387,11 @@ register_preset(
     norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
     widths=(16, 24, 32, 40), encoder_convs=(2, 2, 3, 4), convs_per_block=2, stem="unshuffle", head_kernel=3,
     test_overrides={"widths": (2, 3, 3, 4)},
+)
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel_in_image", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel_in whose sub-pixel head also reads the image: each 2x2x2 block's voxel "
+    "intensities, through a 1x1 map, added to its logits",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_image=True,
+    **_FOUR_LEVELS,
 )

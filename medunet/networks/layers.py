@@ -540,6 +540,48 @@ class SubPixelHead(nn.Sequential):
         return out
 
 
+class ImageGuidedHead(nn.Module):
+    """A sub-pixel head whose logits also read the image itself at full resolution.
+
+    The unshuffle stem's network sees each 2x2x2 block of voxels only through the features of its half-resolution
+    voxel. This head adds, to the logits of ``head`` (a :class:`SubPixelHead`), a linear map of each block's own
+    voxel intensities to that block's logits: a 1x1 convolution of the pixel-unshuffled image, pixel-shuffled back
+    (``8 x in_channels x 8 x C`` weights, no bias). It gives the logits the sub-voxel intensity contrast (where an
+    edge runs inside a block) that a half-resolution feature may have lost, for no full-resolution convolution.
+    The map starts at zero, so an untrained head is ``head`` alone.
+
+    Call it as ``head(x, image)`` with the (padded) network input. At inference (no autograd, outside TorchScript
+    and the exporters) the image's share is added into the logits slab by slab (:func:`slab_bounds`), through a
+    pixel-shuffled view: neither the unshuffled image nor its share is ever whole.
+    """
+
+    def __init__(self, head: SubPixelHead, image_channels: int) -> None:
+        super().__init__()
+        conv, shuffle = head[0], head[1]
+        self.spatial_dims, self.factor = shuffle.spatial_dims, shuffle.factor
+        self.head = head
+        self.image = Conv[Conv.CONV, self.spatial_dims](image_channels * self.factor**self.spatial_dims,
+                                                        conv.out_channels, kernel_size=1, bias=False)
+        nn.init.zeros_(self.image.weight)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        d, f = self.spatial_dims, self.factor
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.is_grad_enabled():
+            return logits + pixel_shuffle(self.image(pixel_unshuffle(image, d, f)), d, f)
+        return self._add_by_slabs(logits, image)
+
+    @torch.jit.unused
+    def _add_by_slabs(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        d, f = self.spatial_dims, self.factor
+        if _watched():
+            return logits + pixel_shuffle(self.image(pixel_unshuffle(image, d, f)), d, f)
+        for start, stop in slab_bounds(image.shape[2], multiple=f):
+            share = self.image(pixel_unshuffle(image[:, :, start:stop], d, f))
+            add_pixel_shuffled_(logits[:, :, start:stop], share, d, f)
+        return logits
+
+
 class MaxPoolHalving(nn.Module):
     """Max pooling with kernel 2 and stride 2 (``torch.nn.MaxPool2d/3d(2)``), lighter at inference.
 

@@ -81,6 +81,9 @@ class UNetParts:
     out_channels: int = 0
     #: How much the first encoder stage shrinks the input before level 0 (2 for a pixel-unshuffle stem).
     input_stride: int = 1
+    #: The head is called as ``head(x, image)`` with the (padded) network input too
+    #: (:class:`~medunet.networks.layers.ImageGuidedHead`).
+    head_reads_input: bool = False
 
     def __post_init__(self) -> None:
         if not self.skip_channels:
@@ -120,6 +123,8 @@ class UNetBlocks:
 
     #: How much the first encoder stage shrinks the input before level 0 (2 for a pixel-unshuffle stem).
     input_stride: int = 1
+    #: Whether :meth:`head` builds a head that also reads the network input (``head(x, image)``).
+    head_reads_input: bool = False
 
     def skip_levels(self, levels: int) -> list[int]:
         """Levels whose encoder feature reaches the decoder: every level above the coarsest."""
@@ -175,6 +180,7 @@ def compose_unet(blocks: UNetBlocks, *, in_channels: int, out_channels: int, wid
     return UNetParts(
         encoder, decoder, head, widths, skip_levels, aux_heads=aux_heads if auxiliary_heads else [],
         decoder_channels=decoder_channels, out_channels=out_channels, input_stride=blocks.input_stride,
+        head_reads_input=blocks.head_reads_input,
     )
 
 
@@ -190,6 +196,9 @@ class UNetSkeleton(nn.Module):
         deep_supervision: auxiliary heads on the decoder stages above the finest (0: none, at most
             ``len(parts.decoder) - 1``); in training mode forward then returns ``(B, 1 + K, C, *spatial)``.
     """
+
+    # A constant to TorchScript, which then compiles only the head call this network makes.
+    __constants__ = ["head_reads_input"]
 
     def __init__(self, spatial_dims: int, parts: UNetParts, skips: SkipStrategy, pad_input: bool = True,
                  deep_supervision: int = 0) -> None:
@@ -212,6 +221,7 @@ class UNetSkeleton(nn.Module):
         self.decoder = nn.ModuleList(parts.decoder)
         self.skips = skips
         self.head = parts.head
+        self.head_reads_input = parts.head_reads_input
         # Built only to reproduce published parameter counts; never used in forward.
         self.aux_heads = nn.ModuleList(parts.aux_heads)
         self.size_divisor = parts.input_stride * 2 ** (len(parts.encoder) - 1)
@@ -235,6 +245,7 @@ class UNetSkeleton(nn.Module):
         skips by ``expand``; ``supervised`` adds the deep-supervision outputs."""
         spatial = x.shape[2:]
         x = self._pad(x)
+        image = x
         state: list[torch.Tensor] = []
         for level, stage in enumerate(self.encoder):
             x = stage(x)
@@ -249,7 +260,7 @@ class UNetSkeleton(nn.Module):
             x = stage.blocks(x)
             if supervised and top - self.deep_supervision <= i < top:
                 features.append(x)
-        x = self.head(x)
+        x = self.head(x, image) if self.head_reads_input else self.head(x)
         if supervised:
             outputs = [x]
             for j, head in enumerate(self.ds_heads):
@@ -284,7 +295,9 @@ class UNetSkeleton(nn.Module):
         """
         spatial = x.shape[2:]
         slot = [self._pad(x)]  # the one reference to the tensor in flight
-        del x  # the caller's input stays alive in the caller; a padded copy dies in the first stage
+        # The caller's input stays alive in the caller; a padded copy dies in the first stage, unless the head reads it.
+        image = slot[0] if self.head_reads_input else None
+        del x
         state: list[torch.Tensor] = []
         for level, stage in enumerate(self.encoder):
             slot.append(run_releasing(stage, slot))
@@ -302,6 +315,8 @@ class UNetSkeleton(nn.Module):
                 else:
                     slot.append(stage.join(slot.pop(), self.skips.expand(top - i, state)))
             slot.append(run_releasing(stage.blocks, slot))
+        if image is not None:
+            return crop_spatial(self.head(slot.pop(), image), spatial)
         return crop_spatial(run_releasing(self.head, slot), spatial)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
