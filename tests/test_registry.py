@@ -46,7 +46,8 @@ def test_pattern_combines_with_family_and_baselines() -> None:
         ["lunet_small_8f_unshuffle", "unet_small_8f_unshuffle", "lunet_small_16f_unshuffle", "unet_small_16f_unshuffle",
          "lunet_small_16f_unshuffle_wide", "lunet_small_16f_unshuffle_wide_subpixel",
          "lunet_16f_4level_unshuffle_subpixel", "lunet_16f_4level_unshuffle_subpixel_in",
-         "lunet_16f_4level_unshuffle_subpixel_in_res", "lunet_16f_4level_unshuffle_subpixel_deep_in_res"]
+         "lunet_16f_4level_unshuffle_subpixel_in_res", "lunet_16f_4level_unshuffle_subpixel_deep_in_res",
+         "lunet_16f_4level_unshuffle_subpixel_in_image"]
     )
     assert list_networks("monai_*") == list_networks(baselines=True)
     assert not set(list_networks(baselines=False)) & set(list_networks(family="baseline"))
