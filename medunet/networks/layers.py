@@ -565,17 +565,20 @@ class ImageGuidedHead(nn.Module):
         nn.init.zeros_(self.image.weight)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        logits = self.head(x)
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._eager(x, image)
+        return self._add_whole(self.head(x), image)
+
+    def _add_whole(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         d, f = self.spatial_dims, self.factor
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.is_grad_enabled():
-            return logits + pixel_shuffle(self.image(pixel_unshuffle(image, d, f)), d, f)
-        return self._add_by_slabs(logits, image)
+        return logits + pixel_shuffle(self.image(pixel_unshuffle(image, d, f)), d, f)
 
     @torch.jit.unused
-    def _add_by_slabs(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        if torch.is_grad_enabled() or _watched():
+            return self._add_whole(logits, image)
         d, f = self.spatial_dims, self.factor
-        if _watched():
-            return logits + pixel_shuffle(self.image(pixel_unshuffle(image, d, f)), d, f)
         for start, stop in slab_bounds(image.shape[2], multiple=f):
             share = self.image(pixel_unshuffle(image[:, :, start:stop], d, f))
             add_pixel_shuffled_(logits[:, :, start:stop], share, d, f)
