@@ -367,3 +367,88 @@ def test_the_image_guided_network_exports_to_onnx(tmp_path) -> None:
 def test_the_image_guided_head_needs_the_unshuffle_stem() -> None:
     with pytest.raises(MedunetError, match="only the unshuffle stem has"):
         LUNet(spatial_dims=3, in_channels=1, out_channels=2, widths=(2, 3), head_image=True)
+
+
+# -- issue 10: a thin full-resolution refinement after the sub-pixel head (head_refine) -----------------------------
+REFINE_PRESET = "lunet_16f_4level_unshuffle_subpixel_in_refine"
+
+
+def refined(weight_seed: int | None = 1) -> nn.Module:
+    """The refining preset at test size, its last (zero-initialised) conv given random weights unless ``weight_seed`` is None."""
+    from medunet.networks import create_network, get_preset
+
+    torch.manual_seed(0)
+    net = create_network(REFINE_PRESET, spatial_dims=3, in_channels=1, out_channels=3,
+                         **get_preset(REFINE_PRESET).test_overrides)
+    if weight_seed is not None:
+        with torch.no_grad():
+            net.head.out.weight.copy_(torch.randn(net.head.out.weight.shape,
+                                                  generator=torch.Generator().manual_seed(weight_seed)))
+    return net
+
+
+def test_the_refined_head_starts_as_the_plain_sub_pixel_head() -> None:
+    """The refinement's last conv starts at zero and the refinement is built after everything else: the same seed
+    gives the plain preset's output, plus (3 + 1) x 27 x 8 + 8 + 8 x 3 + 3 weights."""
+    from medunet.networks import create_network, get_preset
+
+    plain_name = "lunet_16f_4level_unshuffle_subpixel_in"
+    torch.manual_seed(0)
+    plain = create_network(plain_name, spatial_dims=3, in_channels=1, out_channels=3,
+                           **get_preset(plain_name).test_overrides).eval()
+    net = refined(weight_seed=None).eval()
+    assert n_params(net) - n_params(plain) == 4 * 27 * 8 + 8 + 8 * 3 + 3
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(net(x), plain(x))
+
+
+@pytest.mark.parametrize("depth", [16, 18, 40])
+def test_the_refinement_by_slabs_is_the_whole_volume_refinement(depth: int) -> None:
+    """At inference the refinement runs slab by slab in place; each slab reads its neighbours' original logits.
+    Against the whole-volume formula, at depths that split into slabs of different sizes, with a fresh image voxel
+    bumped at a slab boundary moving only the logits within one voxel of it."""
+    head = refined().head.eval()
+    features = torch.randn(1, head.head[0].in_channels, depth // 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    image = torch.randn(1, 1, depth, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert head._by_slabs_applies(head.head(features))
+        slabs = head(features, image)
+        whole = head._add_whole(head.head(features), image)
+        bumped = image.clone()
+        bumped[0, 0, 8, 5, 5] += 1.0
+        moved = head(features, bumped)
+    torch.testing.assert_close(slabs, whole, atol=1e-5, rtol=1e-5)
+    changed = ((moved - slabs).abs().sum(1)[0] > 1e-6).nonzero()
+    assert len(changed) and (changed - torch.tensor([8, 5, 5])).abs().max() <= 1
+
+
+def test_the_refined_network_is_the_same_by_slabs_scripted_and_exported(tmp_path) -> None:
+    """Inference (releasing forward, refinement by slabs), the plain loop, TorchScript and ONNX Runtime: the same
+    logits. In training the loss reaches the refinement."""
+    net = refined().eval()
+    x = torch.randn(1, 1, 48, 64, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        released = net(x)
+        scripted = torch.jit.script(net)(x)
+    plain = net._forward_plain(x).detach()
+    torch.testing.assert_close(released, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scripted, plain, atol=1e-4, rtol=1e-4)
+    net.train()
+    net(x[:, :, :32, :32, :32]).square().mean().backward()
+    assert net.head.refine.weight.grad is not None and net.head.refine.weight.grad.abs().sum() > 0
+    pytest.importorskip("onnxruntime")
+    from medunet.bundle.onnx import export_onnx
+
+    exported = export_onnx(net.eval(), tmp_path / "model.onnx", (1, 1, 32, 32, 32), conv3d_as_2d=True)
+    assert exported.max_abs_difference < 1e-3
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(head_refine=4), "unshuffle stem"),
+    (dict(stem="unshuffle", head_refine=4, head_image=True), "without head_image"),
+    (dict(stem="unshuffle", head_refine=-1), "width of the full-resolution refinement"),
+])
+def test_the_refined_head_refuses_what_it_cannot_build(options: dict, match: str) -> None:
+    with pytest.raises(MedunetError, match=match):
+        LUNet(spatial_dims=3, in_channels=1, out_channels=2, widths=(2, 3), **options)

@@ -21,6 +21,7 @@ from medunet.networks.layers import (
     NormType,
     PixelShuffle,
     PixelUnshuffle,
+    RefinedHead,
     SubPixelHead,
     adn_order,
     conv_norm_act,
@@ -83,12 +84,16 @@ class ConvBlocks(UNetBlocks):
 
     ``head_image=True`` (unshuffle stem only) adds the image itself to those logits: each 2x2x2 block's voxel
     intensities through a 1x1 map (:class:`~medunet.networks.layers.ImageGuidedHead`, ``image_channels`` inputs).
+
+    ``head_refine=N`` (unshuffle stem only) adds a thin full-resolution stage after the sub-pixel head: a 3x3x3
+    convolution of the logits and the image to ``N`` channels, leaky ReLU, a 1x1 convolution added to the logits
+    (:class:`~medunet.networks.layers.RefinedHead`; by slabs at inference).
     """
 
     def __init__(self, *, spatial_dims: int, convs_per_block: int, act: ActType, norm: NormType,
                  dropout: DropoutType, bias: bool, order: str, stem: str, head_kernel: int = 1,
                  residual: bool = False, encoder_convs: Sequence[int] | None = None, head_image: bool = False,
-                 image_channels: int = 1) -> None:
+                 image_channels: int = 1, head_refine: int = 0) -> None:
         if stem not in STEMS:
             raise MedunetError(f"stem must be one of {STEMS}, got {stem!r}")
         if head_kernel < 1 or head_kernel % 2 == 0:
@@ -98,8 +103,15 @@ class ConvBlocks(UNetBlocks):
         if head_image and stem != "unshuffle":
             raise MedunetError("head_image=True reads the image block by block into the sub-pixel head, which only the "
                                "unshuffle stem has. Fix: stem=\"unshuffle\", or head_image=False.")
+        if isinstance(head_refine, bool) or not isinstance(head_refine, int) or head_refine < 0:
+            raise MedunetError(f"head_refine is the width of the full-resolution refinement (0: none), got {head_refine!r}")
+        if head_refine and (stem != "unshuffle" or head_image):
+            raise MedunetError("head_refine refines the sub-pixel head of the unshuffle stem, without head_image (the "
+                               "refinement reads the image itself). Fix: stem=\"unshuffle\" and head_image=False, or "
+                               "head_refine=0.")
+        self.head_refine = head_refine
         self.head_kernel = head_kernel
-        self.head_reads_input = head_image
+        self.head_reads_input = head_image or head_refine > 0
         self.image_channels = image_channels
         self.spatial_dims = spatial_dims
         self.convs_per_block = convs_per_block
@@ -135,6 +147,12 @@ class ConvBlocks(UNetBlocks):
         if self.scale == 1:
             return head
         sub_pixel = SubPixelHead(head, PixelShuffle(d, 2))
+        if self.head_refine:
+            slope = 0.01
+            act = self.block_options["act"]
+            if isinstance(act, tuple) and str(act[0]).lower() == "leakyrelu":
+                slope = float(act[1].get("negative_slope", slope))
+            return RefinedHead(sub_pixel, self.image_channels, self.head_refine, negative_slope=slope)
         return ImageGuidedHead(sub_pixel, self.image_channels) if self.head_reads_input else sub_pixel
 
 
@@ -159,6 +177,7 @@ def conv_unet_parts(
     residual: bool = False,
     encoder_convs: Sequence[int] | None = None,
     head_image: bool = False,
+    head_refine: int = 0,
 ) -> UNetParts:
     """Stages of a convolutional U-Net with ``levels`` resolution levels (the arguments are :class:`LUNet`'s).
 
@@ -170,7 +189,7 @@ def conv_unet_parts(
     blocks = ConvBlocks(spatial_dims=spatial_dims, convs_per_block=convs_per_block, act=act, norm=norm,
                         dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel,
                         residual=residual, encoder_convs=encoder_convs, head_image=head_image,
-                        image_channels=in_channels)
+                        image_channels=in_channels, head_refine=head_refine)
     widths = level_widths(features=features, levels=None if widths is not None else levels, flat=flat, widths=widths)
     return compose_unet(blocks, in_channels=in_channels, out_channels=out_channels, widths=widths, merge=merge)
 
@@ -208,6 +227,9 @@ class LUNet(UNetSkeleton):
             where the volume is small, as SegResNet's ``blocks_down``); the decoder keeps ``convs_per_block``.
         head_image: with the unshuffle stem, the head also reads each 2x2x2 block's voxel intensities (a 1x1 map
             added to its logits, :class:`~medunet.networks.layers.ImageGuidedHead`).
+        head_refine: with the unshuffle stem, a full-resolution refinement of that many channels after the sub-pixel
+            head (3x3x3 conv of logits and image, leaky ReLU, 1x1 conv added to the logits,
+            :class:`~medunet.networks.layers.RefinedHead`). Default 0 (none).
 
     Example::
 
@@ -237,12 +259,13 @@ class LUNet(UNetSkeleton):
         residual: bool = False,
         encoder_convs: Sequence[int] | None = None,
         head_image: bool = False,
+        head_refine: int = 0,
     ) -> None:
         parts = conv_unet_parts(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features,
             levels=levels, flat=flat, widths=widths, convs_per_block=convs_per_block, act=act, norm=norm,
             dropout=dropout, bias=bias, order=order, stem=stem, head_kernel=head_kernel, residual=residual,
-            encoder_convs=encoder_convs, head_image=head_image,
+            encoder_convs=encoder_convs, head_image=head_image, head_refine=head_refine,
         )
         super().__init__(spatial_dims, parts, OrdinarySkips(parts.skip_levels), pad_input, deep_supervision)
 
@@ -393,5 +416,12 @@ register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in whose sub-pixel head also reads the image: each 2x2x2 block's voxel "
     "intensities, through a 1x1 map, added to its logits",
     norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_image=True,
+    **_FOUR_LEVELS,
+)
+register_preset(
+    "lunet_16f_4level_unshuffle_subpixel_in_refine", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel_in with a thin full-resolution refinement after the sub-pixel head: a 3x3x3 "
+    "conv of the logits and the image to 8 channels, leaky ReLU, a 1x1 conv added to the logits",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_refine=8,
     **_FOUR_LEVELS,
 )

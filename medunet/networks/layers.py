@@ -585,6 +585,76 @@ class ImageGuidedHead(nn.Module):
         return logits
 
 
+class RefinedHead(nn.Module):
+    """A sub-pixel head followed by a thin refinement at full resolution, which reads the logits and the image.
+
+    The unshuffle stem's network has no convolution at full resolution: each voxel's logits are a linear map of
+    half-resolution features. This head adds a small non-linear full-resolution stage on top of ``head`` (a
+    :class:`SubPixelHead`): a 3x3x3 convolution of the logits and the image to ``hidden`` channels, leaky ReLU, and a
+    1x1 convolution back to the classes, added to the logits (``logits + refine(cat(logits, image))``). The last
+    convolution starts at zero, so an untrained head is ``head`` alone. With 2 classes, one image channel and 8 hidden
+    channels it is 674 weights.
+
+    Call it as ``head(x, image)`` with the (padded) network input. At inference on the CPU (no autograd, outside
+    TorchScript and the exporters) the refinement runs slab by slab along the depth (:func:`slab_bounds`) and adds
+    each slab into the logits in place: the hidden channels and the concatenation only ever exist for a slab, so the
+    stage adds a few MiB to the peak, not the 64 MiB of 8 channels at 128³. Each slab reads the original logits one
+    plane beyond it on both sides (the plane before it, already refined, is kept from the previous slab), so the result
+    is the whole-volume one up to float rounding.
+    """
+
+    def __init__(self, head: SubPixelHead, image_channels: int, hidden: int, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        conv, shuffle = head[0], head[1]
+        self.spatial_dims = shuffle.spatial_dims
+        classes = conv.out_channels // shuffle.factor**self.spatial_dims
+        self.head = head
+        self.negative_slope = negative_slope
+        conv_type = Conv[Conv.CONV, self.spatial_dims]
+        self.refine = conv_type(classes + image_channels, hidden, kernel_size=3, padding=1)
+        self.out = conv_type(hidden, classes, kernel_size=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._eager(x, image)
+        return self._add_whole(self.head(x), image)
+
+    def _add_whole(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return logits + self.out(F.leaky_relu(self.refine(torch.cat([logits, image], 1)), self.negative_slope))
+
+    @torch.jit.unused
+    def _eager(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        if self._by_slabs_applies(logits):
+            return self._by_slabs(logits, image)
+        return self._add_whole(logits, image)
+
+    @torch.jit.unused
+    def _by_slabs_applies(self, logits: torch.Tensor) -> bool:
+        return (self.spatial_dims == 3 and not torch.is_grad_enabled() and logits.device.type == "cpu"
+                and logits.dtype == torch.float32 and logits.shape[2] > 2 and torch.backends.mkldnn.is_available()
+                and not _watched() and not any(_has_hooks(module) for module in self.modules()))
+
+    @torch.jit.unused
+    def _by_slabs(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        depth = logits.shape[2]
+        weight, bias = self.refine.weight, self.refine.bias
+        padding = [0, self.refine.padding[1], self.refine.padding[2]]
+        before: torch.Tensor | None = None  # the original plane just before the slab (the slab before has been refined)
+        for start, stop in slab_bounds(depth):
+            last = min(stop + 1, depth)
+            parts = [logits[:, :, start:last]] if before is None else [before, logits[:, :, start:last]]
+            rows = torch.cat([torch.cat(parts, 2), image[:, :, max(start - 1, 0):last]], 1)
+            rows = F.pad(rows, (0, 0, 0, 0, 1 if start == 0 else 0, 1 if stop == depth else 0))
+            hidden = torch.mkldnn_convolution(rows, weight, bias, padding, [1, 1, 1], [1, 1, 1], 1)
+            share = self.out(F.leaky_relu_(hidden, self.negative_slope))
+            before = logits[:, :, stop - 1:stop].clone()
+            logits[:, :, start:stop] += share
+        return logits
+
+
 class MaxPoolHalving(nn.Module):
     """Max pooling with kernel 2 and stride 2 (``torch.nn.MaxPool2d/3d(2)``), lighter at inference.
 

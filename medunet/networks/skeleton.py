@@ -82,7 +82,7 @@ class UNetParts:
     #: How much the first encoder stage shrinks the input before level 0 (2 for a pixel-unshuffle stem).
     input_stride: int = 1
     #: The head is called as ``head(x, image)`` with the (padded) network input too
-    #: (:class:`~medunet.networks.layers.ImageGuidedHead`).
+    #: (:class:`~medunet.networks.layers.ImageGuidedHead`, :class:`~medunet.networks.layers.RefinedHead`).
     head_reads_input: bool = False
 
     def __post_init__(self) -> None:
