@@ -192,7 +192,8 @@ def test_rank_agreement_counts_the_pairs_two_protocols_order_alike() -> None:
     assert rank_agreement(full, {n: -v for n, v in full.items()})["kendall_tau"] == -1.0
 
 
-def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(phantom: Path, tmp_path: Path) -> None:
+def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(phantom: Path, tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture) -> None:
     out, results = tmp_path / "bench", tmp_path / "RESULTS.md"
     other = tmp_path / "full"
     other.mkdir()
@@ -202,8 +203,10 @@ def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(
                  "--volume", "none", "--no-train", "--repeats", "1", "--out", str(out), "--accuracy",
                  "--task-dir", str(phantom), "--workflow", str(WORKFLOW), "--folds", "0", "1", "--protocol", "cpu",
                  "--epochs", "1", "--epoch-length", "2", "--set", "patch_size=[16,16,16]",
-                 "--set", "profile_memory=false", "--results", str(results), "--no-tracking", "--compare", str(other)])
+                 "--set", "profile_memory=false", "--results", str(results), "--no-tracking", "--compare", str(other),
+                 "--accuracy-networks", "lunet_small_2f"])
     assert code == 0
+    assert "unet_small_2f is trained too" in capsys.readouterr().out  # the baseline the user did not list is said
     rows = list(csv.DictReader((out / "accuracy.csv").open(encoding="utf-8")))
     assert [(row["network"], row["fold"]) for row in rows] == [("unet_small_2f", "0"), ("lunet_small_2f", "0"),
                                                                ("unet_small_2f", "1"), ("lunet_small_2f", "1")]

@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--epoch-length", type=positive_int, help="iterations per epoch (default 200; --quick 4)")
     accuracy.add_argument("--accuracy-networks", nargs="+",
                           help="networks to train (default: medunet.bench.accuracy.ACCURACY_NETWORKS; --quick: "
-                          "those profiled; 'profiled' for those profiled)")
+                          "those profiled; 'profiled' for those profiled); --baseline is added if missing")
     accuracy.add_argument("--jobs", type=positive_int, default=1,
                           help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -180,6 +180,8 @@ def _accuracy_setup(args: argparse.Namespace, networks: list[str]) -> dict[str, 
         trained = list(dict.fromkeys(args.accuracy_networks or ACCURACY_NETWORKS))
     if args.baseline not in trained:
         trained.insert(0, args.baseline)
+        print(f"bench accuracy: {args.baseline} is trained too, or read back where OUT has its runs (the differences "
+              "are to --baseline; name one of the trained networks there to train nothing more)", flush=True)
     for name in trained:
         get_preset(name)
     recipe = recipe_with(parse_settings(args.set), quick=args.quick, epochs=args.epochs,
