@@ -47,7 +47,8 @@ def test_pattern_combines_with_family_and_baselines() -> None:
          "lunet_small_16f_unshuffle_wide", "lunet_small_16f_unshuffle_wide_subpixel",
          "lunet_16f_4level_unshuffle_subpixel", "lunet_16f_4level_unshuffle_subpixel_in",
          "lunet_16f_4level_unshuffle_subpixel_in_res", "lunet_16f_4level_unshuffle_subpixel_deep_in_res",
-         "lunet_16f_4level_unshuffle_subpixel_in_image", "lunet_16f_4level_unshuffle_subpixel_in_refine"]
+         "lunet_16f_4level_unshuffle_subpixel_in_image", "lunet_16f_4level_unshuffle_subpixel_in_refine",
+         "lunet_16f_3level_unshuffle_subpixel_in"]
     )
     assert list_networks("monai_*") == list_networks(baselines=True)
     assert not set(list_networks(baselines=False)) & set(list_networks(family="baseline"))

@@ -418,6 +418,15 @@ register_preset(
     norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_image=True,
     **_FOUR_LEVELS,
 )
+# Three levels: the coarsest at 1/8 of the input (6x8x6 for the 48x64x48 patch, as SegResNet's
+# fourth level), its parameters moved to level 2 (392k at 3 classes).
+register_preset(
+    "lunet_16f_3level_unshuffle_subpixel_in", LUNet, "lunet",
+    "lunet_16f_4level_unshuffle_subpixel_in with three levels, widths 16, 32, 72: the coarsest at 1/8 of the input "
+    "size, as SegResNet's",
+    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+    widths=(16, 32, 72), convs_per_block=2, stem="unshuffle", head_kernel=3, test_overrides={"widths": (2, 3, 4)},
+)
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in_refine", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in with a thin full-resolution refinement after the sub-pixel head: a 3x3x3 "
