@@ -386,6 +386,9 @@ register_preset(
 # and part of the coarsest level's parameters go to levels 1 and 3 (434k in all at 3 classes, against 466k).
 _FOUR_LEVELS = dict(widths=(16, 32, 32, 48), convs_per_block=2, stem="unshuffle", head_kernel=3,
                     test_overrides={"widths": (2, 3, 3, 4)})
+# nnU-Net's normalisation and activation (the `_in` presets): instance norm with affine, leaky ReLU 0.01.
+_NNUNET_NORM_ACT = dict(norm=("instance", {"affine": True}),
+                        act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}))
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel", LUNet, "lunet",
     "Four-level unshuffle Lean UNet with a 3x3x3 sub-pixel head: widths 16, 32, 32, 48",
@@ -394,20 +397,19 @@ register_preset(
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel with nnU-Net's instance norm (affine) and leaky ReLU instead of batch norm and ReLU",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), **_FOUR_LEVELS,
+    **_NNUNET_NORM_ACT, **_FOUR_LEVELS,
 )
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in_res", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in with residual conv blocks (MONAI's ResidualUnit, 1x1 projection where "
     "the width changes)",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
-    **_FOUR_LEVELS,
+    **_NNUNET_NORM_ACT, residual=True, **_FOUR_LEVELS,
 )
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel_deep_in_res", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in_res deeper where the volume is small, as SegResNet: widths 16, 24, 32, 40 "
     "with 2, 2, 3, 4 encoder convolutions (stacked residual units of two)",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), residual=True,
+    **_NNUNET_NORM_ACT, residual=True,
     widths=(16, 24, 32, 40), encoder_convs=(2, 2, 3, 4), convs_per_block=2, stem="unshuffle", head_kernel=3,
     test_overrides={"widths": (2, 3, 3, 4)},
 )
@@ -415,8 +417,7 @@ register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in_image", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in whose sub-pixel head also reads the image: each 2x2x2 block's voxel "
     "intensities, through a 1x1 map, added to its logits",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_image=True,
-    **_FOUR_LEVELS,
+    **_NNUNET_NORM_ACT, head_image=True, **_FOUR_LEVELS,
 )
 # Three levels: the coarsest at 1/8 of the input (6x8x6 for the 48x64x48 patch, as SegResNet's
 # fourth level), its parameters moved to level 2 (392k at 3 classes).
@@ -424,13 +425,11 @@ register_preset(
     "lunet_16f_3level_unshuffle_subpixel_in", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in with three levels, widths 16, 32, 72: the coarsest at 1/8 of the input "
     "size, as SegResNet's",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-    widths=(16, 32, 72), convs_per_block=2, stem="unshuffle", head_kernel=3, test_overrides={"widths": (2, 3, 4)},
+    **_NNUNET_NORM_ACT, widths=(16, 32, 72), convs_per_block=2, stem="unshuffle", head_kernel=3, test_overrides={"widths": (2, 3, 4)},
 )
 register_preset(
     "lunet_16f_4level_unshuffle_subpixel_in_refine", LUNet, "lunet",
     "lunet_16f_4level_unshuffle_subpixel_in with a thin full-resolution refinement after the sub-pixel head: a 3x3x3 "
     "conv of the logits and the image to 8 channels, leaky ReLU, a 1x1 conv added to the logits",
-    norm=("instance", {"affine": True}), act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), head_refine=8,
-    **_FOUR_LEVELS,
+    **_NNUNET_NORM_ACT, head_refine=8, **_FOUR_LEVELS,
 )
