@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import re
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from medunet.bench.accuracy import CPU_RECIPE, RECIPE, recipe_with, run_accuracy
+from medunet.bench.accuracy import CPU_RECIPE, RECIPE, CoreShare, recipe_with, run_accuracy
 from medunet.cli import build_parser, main
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
@@ -252,3 +255,23 @@ def test_parallel_trainings_each_log_their_own_epochs_also_the_later_ones_of_a_w
         log = (Path(row["run_dir"]) / "train.log").read_text(encoding="utf-8")
         assert "Logging error" not in log and "I/O operation on closed file" not in log
         assert "val_mean_dice" in log  # the validation's log line reached this training's own log
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="threads are re-sized by a SIGALRM timer (POSIX)")
+def test_a_parallel_training_takes_every_core_once_the_others_have_finished() -> None:
+    """A training's thread pool follows the count of trainings in progress: its share while another runs,
+    every core once it is alone; leaving gives its place back and stops the timer."""
+    running = multiprocessing.get_context("spawn").Value("i", 1)  # one other training in progress
+    before = torch.get_num_threads()
+    try:
+        with CoreShare(running, cores=4, interval=0.02):
+            assert running.value == 2 and torch.get_num_threads() == 2
+            with running.get_lock():
+                running.value -= 1  # the other training finished
+            deadline = time.monotonic() + 5
+            while torch.get_num_threads() != 4 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the timer's handler runs in this thread, between statements
+            assert torch.get_num_threads() == 4
+        assert running.value == 0 and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        torch.set_num_threads(before)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import os
+import signal
 import statistics
 import sys
 import time
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from medunet.deploy.runner import usable_cpus
 from medunet.engines.config import build_overrides, load_workflow, run_workflow
 from medunet.errors import MedunetError
 from medunet.networks import create_network
@@ -218,8 +219,9 @@ def run_accuracy(
         tracking_uri: the MLflow store or server (default as ``medunet train``).
         experiment: the MLflow experiment.
         progress: show progress bars (sequential runs only).
-        jobs: trainings run at once, each in its own process (several small networks share one GPU well);
-            each parallel training writes its output to ``RUN_DIR/train.log``.
+        jobs: trainings run at once, each in its own process (several small networks share one GPU well) with
+            its share of the CPU cores, re-sized as trainings finish (:class:`CoreShare`); each parallel training
+            writes its output to ``RUN_DIR/train.log``.
         folds: cross-validation: train every network on each of these folds (all trainings share the ``jobs``).
 
     Returns:
@@ -321,25 +323,83 @@ def _train(workflow: Path, overrides: Mapping[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def _train_logged(workflow: Path, overrides: Mapping[str, Any], log: Path, threads: int) -> float:
-    """:func:`_train` in a worker process, its output sent to ``log`` and its CPU threads capped."""
-    torch.set_num_threads(threads)
+#: How often (seconds) a parallel training re-sizes its thread pool to the trainings still running.
+RESIZE_SECONDS = 30.0
+
+#: Trainings in progress across the pool's processes (set in each worker by :func:`_init_worker`).
+_running: Any = None
+
+
+def _init_worker(running: Any) -> None:
+    """Pool initializer: hand each worker the shared count of trainings in progress."""
+    global _running
+    _running = running
+
+
+class CoreShare:
+    """The machine's cores shared among the bench's trainings in progress, re-sized as they come and go.
+
+    Inside ``with CoreShare(running, cores):`` this process counts as one training in ``running`` (a shared
+    ``multiprocessing.Value``) and sizes torch's thread pool to ``cores // running`` now and every ``interval``
+    seconds, so the last training of an odd-sized batch, once alone, uses every core instead of its share.
+    The re-sizing runs from a ``SIGALRM`` timer in the main thread, between Python statements (a thread pool's
+    size is the calling thread's setting); where there is no ``setitimer`` (Windows) the size set on entry holds.
+    """
+
+    def __init__(self, running: Any, cores: int, interval: float = RESIZE_SECONDS) -> None:
+        self.running, self.cores, self.interval = running, max(1, cores), interval
+        self._previous_handler: Any = None
+
+    def threads(self) -> int:
+        """Threads for this training now: its share of the cores."""
+        return max(1, self.cores // max(1, self.running.value))
+
+    def resize(self, *_: Any) -> None:
+        """Set torch's thread pool to :meth:`threads`, saying so in the training's log when it changes."""
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            print(f"bench accuracy: {self.running.value} training(s) running, now {threads} CPU thread(s)",
+                  flush=True)
+
+    def __enter__(self) -> CoreShare:
+        with self.running.get_lock():
+            self.running.value += 1
+        self.resize()
+        if hasattr(signal, "setitimer"):
+            self._previous_handler = signal.signal(signal.SIGALRM, self.resize)
+            signal.setitimer(signal.ITIMER_REAL, self.interval, self.interval)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous_handler)
+        with self.running.get_lock():
+            self.running.value -= 1
+
+
+def _train_logged(workflow: Path, overrides: Mapping[str, Any], log: Path) -> float:
+    """:func:`_train` in a worker process, its output sent to ``log`` and its CPU threads its share of the cores
+    (:class:`CoreShare`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream):
+    with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream), \
+            CoreShare(_running, usable_cpus()):
         return _train(workflow, overrides)
 
 
 def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[str, Any]]], jobs: int) -> None:
     """Train the ``pending`` runs ``jobs`` at a time, each in a fresh (spawned) process; a failed training
     is reported with its log and the others go on."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked CUDA or thread-pool state
+    running = context.Value("i", 0)  # trainings in progress: each sizes its threads to its share of the cores
     # One process per training: a worker reused for a second training kept the logging handlers of its first,
     # bound to that training's closed log file, and lost every log line (Python 3.11+; on 3.10 workers are reused).
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     failed = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **fresh) as pool:
-        futures = {pool.submit(_train_logged, workflow, overrides, run_dir / TRAIN_LOG, threads): name
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(running,),
+                             **fresh) as pool:
+        futures = {pool.submit(_train_logged, workflow, overrides, run_dir / TRAIN_LOG): name
                    for name, (run_dir, overrides) in pending.items()}
         for name in pending:
             print(f"bench accuracy: training {name} (log: {pending[name][0] / TRAIN_LOG})", flush=True)

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="networks to train (default: medunet.bench.accuracy.ACCURACY_NETWORKS; --quick: "
                           "those profiled; 'profiled' for those profiled); --baseline is added if missing")
     accuracy.add_argument("--jobs", type=positive_int, default=1,
-                          help="trainings at once, each in its own process (default 1; e.g. 6 on one GPU)")
+                          help="trainings at once, each in its own process with its share of the CPU cores, the last ones "
+                               "taking the cores the finished ones leave (default 1; e.g. 6 on one GPU)")
     accuracy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="change a recipe key for every network, VALUE as JSON (e.g. --set patch_size=[32,32,32])")
     deploy = parser.add_argument_group(
