@@ -5,6 +5,10 @@ On the CPU the kernel's high-water mark (``VmHWM``) is reset to the current RSS 
 (``/proc/self/clear_refs``) and read just after, so the figure is the growth of the whole process's
 real footprint, allocator overheads and all. Where that reset is not permitted it falls back to
 ``ru_maxrss`` growth, which is only meaningful in a fresh process (the profiler uses one per figure).
+
+Either way, measure in a fresh process with glibc's mmap threshold fixed, as
+:func:`medunet.profiling.profiler.measure_peak` does: in a long-lived process a large block can be served
+from freed heap pages that are still resident, and the work then shows no growth at all.
 """
 
 from __future__ import annotations
