@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import re
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
 from medunet.run_folder import CONFIG_FILE
+from tests.process_helpers import HAS_PROC, descendants, running_processes
 
 WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 NETWORKS = ["lunet_small_2f", "unet_small_2f"]
@@ -275,3 +279,38 @@ def test_a_parallel_training_takes_every_core_once_the_others_have_finished() ->
         assert running.value == 0 and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads the process table from /proc (Linux)")
+def test_killing_a_parallel_bench_ends_its_trainings(phantom: Path, tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) of a bench training two networks at a time (``medunet bench --accuracy --jobs 2``): no training goes on as an orphan (it would
+    compete for the cores and, on a rerun, train its run folder twice at once)."""
+    out = tmp_path / "bench"
+    recipe = recipe_with(TINY, epochs=20, epoch_length=10)
+    bench = subprocess.Popen(
+        [sys.executable, "-c", "from medunet.bench.accuracy import run_accuracy; "
+         f"run_accuracy({NETWORKS!r}, {str(phantom)!r}, {str(WORKFLOW)!r}, out_dir={str(out)!r}, recipe={recipe!r}, "
+         "tracking=False, progress=False, jobs=2)"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    runs = [out / "runs" / name for name in NETWORKS]
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not all((run / "train.log").is_file() and "epoch 1/20" in (run / "train.log").read_text() for run in runs):
+            assert bench.poll() is None and time.monotonic() < deadline, "the trainings did not start"
+            time.sleep(0.2)
+        workers = descendants(bench.pid)
+        assert len(workers) >= 2  # two trainings (and the pool's resource tracker)
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while workers & set(running_processes()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not workers & set(running_processes()), "processes of the killed bench are still running"
+    finally:
+        bench.kill()
+        for pid in workers & set(running_processes()):
+            os.kill(pid, signal.SIGKILL)
+    for run in runs:  # each stopped mid-training, saying why; it resumes on a rerun (test_workflows_training)
+        assert "has ended; this worker ends too" in (run / "train.log").read_text(encoding="utf-8")
+        assert not json.loads((run / "metrics.json").read_text(encoding="utf-8"))["finished"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import os
 import signal
 import statistics
 import sys
@@ -61,6 +62,7 @@ from medunet.run_folder import (
     read_json_file,
     read_run_record,
 )
+from medunet.workers import exit_with_parent
 
 #: One recipe for every network (workflow overrides): DiceCE loss, AdamW (lr 1e-3, weight decay 1e-5),
 #: polynomial learning-rate decay (power 0.9, stepped per epoch), 20 epochs x 200 iterations of 2 images
@@ -330,10 +332,12 @@ RESIZE_SECONDS = 30.0
 _running: Any = None
 
 
-def _init_worker(running: Any) -> None:
-    """Pool initializer: hand each worker the shared count of trainings in progress."""
+def _init_worker(running: Any, bench_pid: int) -> None:
+    """Pool initializer: hand each worker the shared count of trainings in progress, and end it with the bench
+    (an orphaned training would compete for the cores and, on a rerun, train its run folder twice at once)."""
     global _running
     _running = running
+    exit_with_parent(bench_pid)
 
 
 class CoreShare:
@@ -397,8 +401,8 @@ def _train_in_parallel(workflow: Path, pending: Mapping[str, tuple[Path, dict[st
     # bound to that training's closed log file, and lost every log line (Python 3.11+; on 3.10 workers are reused).
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     failed = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(running,),
-                             **fresh) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(running, os.getpid()), **fresh) as pool:
         futures = {pool.submit(_train_logged, workflow, overrides, run_dir / TRAIN_LOG): name
                    for name, (run_dir, overrides) in pending.items()}
         for name in pending:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -27,7 +28,8 @@ def _loss_of(output: Any) -> float | None:
     """The loss in a trainer's output: a dict (before decollation) or a list of per-sample dicts (after)."""
     item = output[0] if isinstance(output, Sequence) and not isinstance(output, Mapping) and output else output
     if isinstance(item, Mapping) and CommonKeys.LOSS in item:
-        return float(item[CommonKeys.LOSS])
+        loss = item[CommonKeys.LOSS]  # at LOSS_COMPLETED still the graph's tensor: float() of it warns
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     return None
 
 

@@ -46,6 +46,7 @@ from medunet.evaluation.metrics import (
 from medunet.evaluation.outputs import summary_json, write_case_csv, write_summary_json
 from medunet.evaluation.provenance import build_provenance, peak_memory_mb
 from medunet.evaluation.result import EvaluationResult
+from medunet.workers import exit_with_parent
 
 
 @dataclass
@@ -218,8 +219,10 @@ def _run_cases(
         return outcomes
     # The platform's default start method (fork on Linux up to Python 3.13): fast, and scripts without an
     # ``if __name__ == "__main__":`` guard keep working there. Workers use only numpy, scipy and SimpleITK.
+    # They end with this process: killed, it would otherwise leave them waiting for work forever.
     by_name = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(evaluate_pair, pair, labels, tolerance_mm) for pair in pairs]
         for future in as_completed(futures):
             outcome = future.result()
