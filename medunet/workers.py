@@ -6,9 +6,12 @@ orphan competing for the cores, and a rerun of the bench would then train the sa
 not the case: it reaches the whole process group. Pass :func:`exit_with_parent` as a pool's initializer (or call it
 from one) and a worker stops within :data:`PARENT_CHECK_SECONDS` of its parent's end.
 
-The check runs in a daemon thread and compares ``os.getppid()`` with the parent's pid: an orphan is re-parented to
-init or a subreaper. Linux's ``prctl(PR_SET_PDEATHSIG)`` would signal sooner but fires when the *thread* that
-started the worker ends, and the pool starts replacement workers (``max_tasks_per_child``) from its manager thread.
+The check runs in a daemon thread. A worker ends when its own parent changes (an orphan is re-parented to init or a
+subreaper: this catches a parent that died but was not reaped yet) or when the process that started the pool no longer
+exists (under the ``forkserver`` start method, the default on Linux from Python 3.14, a worker's parent is the fork
+server, which ends with that process). Linux's ``prctl(PR_SET_PDEATHSIG)`` would signal sooner but fires when the
+*thread* that started the worker ends, and the pool starts replacement workers (``max_tasks_per_child``) from its
+manager thread.
 
 Example:
     >>> import multiprocessing, os
@@ -33,22 +36,35 @@ ORPHAN_EXIT_CODE = 143
 
 
 def exit_with_parent(parent_pid: int, interval: float = PARENT_CHECK_SECONDS) -> None:
-    """End this process once ``parent_pid`` is no longer its parent, checked every ``interval`` seconds in a
-    daemon thread; the reason is printed to this process's standard output (a training's ``train.log``).
+    """End this process once ``parent_pid`` (the process that started the pool) or this process's own parent is gone,
+    checked every ``interval`` seconds in a daemon thread; the reason is printed to this process's standard output
+    (a training's ``train.log``).
 
     The exit skips Python's clean-up (``os._exit``): whatever the worker was writing is left as it was, which is safe
     for medunet's outputs, all written atomically (a training resumes from its last checkpoint).
     """
-    if os.getppid() != parent_pid:  # the parent ended before this worker started
+    own_parent = os.getppid()
+    if not _exists(parent_pid):  # it ended before this worker started
         _exit_orphaned(parent_pid)
-    threading.Thread(target=_watch_parent, args=(parent_pid, interval), name="medunet-exit-with-parent",
+    threading.Thread(target=_watch_parent, args=(parent_pid, own_parent, interval), name="medunet-exit-with-parent",
                      daemon=True).start()
 
 
-def _watch_parent(parent_pid: int, interval: float) -> None:
-    while os.getppid() == parent_pid:
+def _watch_parent(parent_pid: int, own_parent: int, interval: float) -> None:
+    while os.getppid() == own_parent and _exists(parent_pid):
         time.sleep(interval)
     _exit_orphaned(parent_pid)
+
+
+def _exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def _exit_orphaned(parent_pid: int) -> None:

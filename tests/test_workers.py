@@ -53,7 +53,7 @@ def _orphans_after_killing(method: str, watch: bool, patience: float) -> set[int
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="reads the process table from /proc (Linux)")
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_pool_workers_end_with_their_killed_parent(method: str) -> None:
     assert _orphans_after_killing(method, watch=True, patience=15) == set()
 
