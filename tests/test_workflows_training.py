@@ -251,3 +251,25 @@ def test_validation_with_test_time_mirroring_scores_the_mean_of_the_flipped_pred
 
     with pytest.raises(MedunetError, match="val_tta"):
         run_workflow(DEMO_WORKFLOW, {**tiny_settings(tiny_task, tmp_path / "bad"), "val_tta": "rotate"})
+
+
+def test_a_second_training_into_a_run_folder_in_use_is_refused_naming_the_first(tiny_task: Path, tmp_path: Path) -> None:
+    """While another process trains into RUN_DIR (it holds the run folder's lock), a second training there stops
+    before reading or writing anything, naming that process; once it has ended (here by SIGKILL, which leaves no
+    stale lock), training there runs."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from medunet.engines.run_lock import RunFolderLock; "
+         f"lock = RunFolderLock({str(run_dir)!r}); lock.acquire(); print('READY', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "READY"
+        with pytest.raises(MedunetError, match=rf"is being trained by pid {holder.pid} on .*another --run-dir"):
+            run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir, epochs=1))
+        assert sorted(path.name for path in run_dir.iterdir()) == [".training.lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir, epochs=1))
+    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["finished"]
+    assert "on " in (run_dir / ".training.lock").read_text(encoding="utf-8")  # the last holder, for the record

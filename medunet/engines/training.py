@@ -77,6 +77,7 @@ from medunet.engines.distributed import DistContext, barrier, init_distributed, 
 from medunet.engines.guards import NonFiniteLossGuard
 from medunet.engines.inference import TTA_MODES, ProbabilityAverage
 from medunet.engines.losses import StackedDeepSupervisionLoss, deep_supervision_heads
+from medunet.engines.run_lock import RunFolderLock
 from medunet.environment import device_description
 from medunet.errors import MedunetError
 from medunet.paths import portable_path
@@ -254,6 +255,7 @@ class SegmentationTraining:
         self.recorder: RunRecorder | None = None
         self.context: DistContext | None = None
         self.resumed_from_epoch = 0
+        self._lock = RunFolderLock(self.run_dir)  # held by the main process from build() to the end of run()
         self._fold_sizes = (0, 0)
         self._workflow: dict[str, Any] | None = None
 
@@ -279,7 +281,16 @@ class SegmentationTraining:
     def build(self) -> SegmentationTraining:
         """Check the data and assemble the engines and handlers (called by :meth:`run` if not done)."""
         context = self.context = init_distributed(self.device)
-        self._check_same_run()  # before anything is read or written
+        if context.is_main:
+            self._lock.acquire()  # before anything is read or written: one training at a time in a run folder
+        try:
+            return self._build(context)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self, context: DistContext) -> SegmentationTraining:
+        self._check_same_run()
         set_determinism(seed=self.seed + context.rank)
         show = self.progress and context.is_main
         if self.check_data:
@@ -497,17 +508,20 @@ class SegmentationTraining:
             self.build()
         recorder, context = self.recorder, self.context
         start = time.perf_counter()
-        if recorder.finished:
-            if context.is_main:
-                print(f"{self.run_dir}: already finished ({recorder.stop_reason}); nothing to train. "
-                      "Pass a new --run-dir to train again.")
-        else:
-            if context.is_main:
-                self._write_records()
-            if self.resumed_from_epoch and context.is_main:
-                print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
-            self.trainer.run()
-        barrier(context)
+        try:
+            if recorder.finished:
+                if context.is_main:
+                    print(f"{self.run_dir}: already finished ({recorder.stop_reason}); nothing to train. "
+                          "Pass a new --run-dir to train again.")
+            else:
+                if context.is_main:
+                    self._write_records()
+                if self.resumed_from_epoch and context.is_main:
+                    print(f"resuming {self.run_dir} after epoch {self.resumed_from_epoch}/{self.max_epochs}")
+                self.trainer.run()
+            barrier(context)
+        finally:
+            self._lock.release()
         return {
             "run_dir": str(self.run_dir),
             "best_metric": recorder.best_metric if recorder.best_epoch else None,
