@@ -286,7 +286,7 @@ def test_killing_a_parallel_bench_ends_its_trainings(phantom: Path, tmp_path: Pa
     """``kill`` (SIGTERM) of a bench training two networks at a time (``medunet bench --accuracy --jobs 2``): no training goes on as an orphan (it would
     compete for the cores and, on a rerun, train its run folder twice at once)."""
     out = tmp_path / "bench"
-    recipe = recipe_with(TINY, epochs=20, epoch_length=10)
+    recipe = recipe_with(TINY, epochs=500, epoch_length=10)  # never reached: both are killed once both have started
     bench = subprocess.Popen(
         [sys.executable, "-c", "from medunet.bench.accuracy import run_accuracy; "
          f"run_accuracy({NETWORKS!r}, {str(phantom)!r}, {str(WORKFLOW)!r}, out_dir={str(out)!r}, recipe={recipe!r}, "
@@ -296,7 +296,7 @@ def test_killing_a_parallel_bench_ends_its_trainings(phantom: Path, tmp_path: Pa
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 180
-        while not all((run / "train.log").is_file() and "epoch 1/20" in (run / "train.log").read_text() for run in runs):
+        while not all((run / "train.log").is_file() and "epoch 1/500" in (run / "train.log").read_text() for run in runs):
             assert bench.poll() is None and time.monotonic() < deadline, "the trainings did not start"
             time.sleep(0.2)
         workers = descendants(bench.pid)
