@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from medunet.workers import process_runs
+
 _TEMPORARY_NAME = re.compile(r"^\.tmp(\d+)\.")
 
 
@@ -103,24 +105,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for path in sorted(folder.iterdir()):
         match = _TEMPORARY_NAME.match(path.name)
-        if match and path.is_file() and not _process_runs(int(match.group(1))):
+        if match and path.is_file() and not process_runs(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _process_runs(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, under another user
-        return True
-    except OSError:  # e.g. a PID out of range: not a process
-        return False
-    return True
 
 
 def _fsync(path: Path) -> None:

@@ -44,26 +44,30 @@ def exit_with_parent(parent_pid: int, interval: float = PARENT_CHECK_SECONDS) ->
     for medunet's outputs, all written atomically (a training resumes from its last checkpoint).
     """
     own_parent = os.getppid()
-    if not _exists(parent_pid):  # it ended before this worker started
+    if not process_runs(parent_pid):  # it ended before this worker started
         _exit_orphaned(parent_pid)
     threading.Thread(target=_watch_parent, args=(parent_pid, own_parent, interval), name="medunet-exit-with-parent",
                      daemon=True).start()
 
 
 def _watch_parent(parent_pid: int, own_parent: int, interval: float) -> None:
-    while os.getppid() == own_parent and _exists(parent_pid):
+    while os.getppid() == own_parent and process_runs(parent_pid):
         time.sleep(interval)
     _exit_orphaned(parent_pid)
 
 
-def _exists(pid: int) -> bool:
-    """Whether a process ``pid`` exists (signal 0 checks without sending anything)."""
+def process_runs(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 checks without sending anything); this process always does."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by another user
+    except PermissionError:  # it runs, under another user
         return True
+    except OSError:  # e.g. a PID out of range: not a process
+        return False
     return True
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 HAS_PROC = Path("/proc/self/stat").is_file()
@@ -30,3 +35,22 @@ def descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in table.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def survivors_after_sigterm(process: subprocess.Popen, processes: set[int], patience: float) -> set[int]:
+    """SIGTERM ``process`` and return those of ``processes`` (its descendants) still running ``patience`` seconds
+    later; the caller kills them (:func:`kill_all`)."""
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    deadline = time.monotonic() + patience
+    while processes & set(running_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return processes & set(running_processes())
+
+
+def kill_all(process: subprocess.Popen, processes: set[int]) -> None:
+    """SIGKILL ``process`` and whichever of ``processes`` still run, so that a test leaves none behind."""
+    process.kill()
+    for pid in processes & set(running_processes()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

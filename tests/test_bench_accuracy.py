@@ -24,7 +24,7 @@ from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
 from medunet.run_folder import CONFIG_FILE
-from tests.process_helpers import HAS_PROC, descendants, running_processes
+from tests.process_helpers import HAS_PROC, descendants, kill_all, survivors_after_sigterm
 
 WORKFLOW = REPO_ROOT / "medunet" / "workflows" / "phantom_demo.json"
 NETWORKS = ["lunet_small_2f", "unet_small_2f"]
@@ -301,16 +301,9 @@ def test_killing_a_parallel_bench_ends_its_trainings(phantom: Path, tmp_path: Pa
             time.sleep(0.2)
         workers = descendants(bench.pid)
         assert len(workers) >= 2  # two trainings (and the pool's resource tracker)
-        bench.send_signal(signal.SIGTERM)
-        bench.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while workers & set(running_processes()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not workers & set(running_processes()), "processes of the killed bench are still running"
+        assert not survivors_after_sigterm(bench, workers, patience=15), "processes of the killed bench still run"
     finally:
-        bench.kill()
-        for pid in workers & set(running_processes()):
-            os.kill(pid, signal.SIGKILL)
+        kill_all(bench, workers)
     for run in runs:  # each stopped mid-training, saying why; it resumes on a rerun (test_workflows_training)
         assert "has ended; this worker ends too" in (run / "train.log").read_text(encoding="utf-8")
         assert not json.loads((run / "metrics.json").read_text(encoding="utf-8"))["finished"]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.process_helpers import HAS_PROC, descendants, running_processes
+from tests.process_helpers import HAS_PROC, descendants, kill_all, survivors_after_sigterm
 
 # A parent with two pool workers, one busy with a long task and one idle (waiting for work, as the evaluation's
 # workers are once the cases run out); it prints READY once both workers run, then waits for its task.
@@ -39,17 +35,9 @@ def _orphans_after_killing(method: str, watch: bool, patience: float) -> set[int
         assert parent.stdout is not None and parent.stdout.readline().strip() == "READY"
         workers = descendants(parent.pid)
         assert len(workers) >= 2
-        parent.send_signal(signal.SIGTERM)
-        parent.wait(timeout=30)
-        deadline = time.monotonic() + patience
-        while workers & set(running_processes()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return workers & set(running_processes())
+        return survivors_after_sigterm(parent, workers, patience)
     finally:
-        parent.kill()
-        for pid in workers & set(running_processes()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(parent, workers)
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="reads the process table from /proc (Linux)")
