@@ -20,6 +20,7 @@ import torch
 
 from medunet.bench.accuracy import CPU_RECIPE, RECIPE, CoreShare, recipe_with, run_accuracy
 from medunet.cli import build_parser, main
+from medunet.engines.checkpoint import lost_classes
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.paths import REPO_ROOT
@@ -61,6 +62,7 @@ def test_run_accuracy_trains_each_network_and_scores_dice_per_label(first_run: d
         assert row["mean_dice"] == pytest.approx(metrics["epochs"][-1]["val_mean_dice"])
         assert row["scored_epoch"] == 1 and row["best_epoch"] == 1 and row["reused"] is False
         assert row["train_seconds"] > 0
+        assert row["lost_classes"] == lost_classes(metrics["epochs"][-1])
         workflow = json.loads((run_dir / "workflow.json").read_text(encoding="utf-8"))
         assert workflow["max_epochs"] == 1 and workflow["epoch_length"] == 2 and workflow["patch_size"] == [16, 16, 16]
         assert workflow["optimizer"] == RECIPE["optimizer"] and workflow["loss"] == RECIPE["loss"]
@@ -185,6 +187,34 @@ def test_fold_summary_and_comparisons_say_which_differences_exceed_the_spread() 
     assert "`clear` vs `ref`: +0.0500" in text and "**exceeds the fold-to-fold spread**" in text
     assert "`noise` vs `ref`: +0.0033" in text and "within the fold-to-fold spread" in text
     assert "Beats `ref` by 0.005 beyond the spread: yes" in text and text.count(": no.") == 1
+
+
+def test_a_run_that_lost_a_class_is_marked_and_each_pair_is_also_compared_without_it() -> None:
+    from medunet.bench.accuracy import compare_networks, fold_summary
+    from medunet.bench.results import LOST_MARK, comparison_sentences, cross_validation_table, lost_class_note
+
+    # The reference lost a class on fold 3: over all folds the network is 0.095 above it, over the healthy ones below.
+    rows = _rows({"ref": [0.83, 0.84, 0.82, 0.41], "net": [0.82, 0.83, 0.81, 0.82]})
+    for row in rows:
+        row["lost_classes"] = ["a"] if row["mean_dice"] < 0.5 else []
+    summary = fold_summary(rows)
+    assert summary[0]["lost"] == {3: ["a"]} and summary[1]["lost"] == {}
+    (comparison,) = compare_networks(summary, ["ref"])
+    assert comparison["failed_folds"] == [3] and comparison["difference"] == pytest.approx(0.095)
+    healthy = comparison["healthy"]
+    assert healthy["folds"] == 3 and healthy["difference"] == pytest.approx(-0.01) and healthy["wins"] == 0
+    text = comparison_sentences([comparison], bar="ref")
+    assert "Fold 3 counts a run that lost a class" in text and "without it: -0.0100" in text
+    assert text.endswith("Beats `ref` by 0.005 beyond the spread on the healthy folds: no.")
+    assert f"0.4100{LOST_MARK}" in cross_validation_table(summary, "ref")
+    note = lost_class_note(rows)
+    assert "`ref` fold 3 (a, mean Dice 0.4100)" in note and "`net`" not in note
+    assert lost_class_note([row for row in rows if not row["lost_classes"]]) == ""
+    # Without a healthy fold there is nothing to judge the bar on.
+    (only_failed,) = compare_networks(fold_summary([r for r in rows if r["fold"] == 3]), ["ref"])
+    assert "healthy" not in only_failed
+    assert "no fold is left without one" in comparison_sentences([only_failed], bar="ref")
+    assert comparison_sentences([only_failed], bar="ref").endswith(": no.")
 
 
 def test_rank_agreement_counts_the_pairs_two_protocols_order_alike() -> None:

@@ -64,11 +64,15 @@ def test_metadata_meets_the_specification_and_states_efficiency(exported: dict[s
     assert efficiency["peak_inference_memory_bytes"] > 0
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "organ", "2": "lesion"}
-    assert metadata["eval_metrics"]["val_mean_dice"] == pytest.approx(
-        json.loads((exported["run"] / "metrics.json").read_text(encoding="utf-8"))["best_metric"], abs=1e-4)
+    record = json.loads((exported["run"] / "metrics.json").read_text(encoding="utf-8"))
+    assert metadata["eval_metrics"]["val_mean_dice"] == pytest.approx(record["best_metric"], abs=1e-4)
     card = (exported["bundle"] / "docs" / "README.md").read_text(encoding="utf-8")
     for section in ("## Intended use", "## Data", "## Metrics", "## Efficiency", "2,575"):
         assert section in card
+    # A class the run lost is stated with the metrics (the tiny run may or may not have lost one).
+    lost = metadata["eval_metrics"].get("lost_classes")
+    assert (lost is not None) == bool(record["lost_classes"])
+    assert lost is None or (lost.startswith(", ".join(record["lost_classes"])) and f"| lost_classes | {lost} |" in card)
 
 
 def test_verify_net_in_out_and_ckpt_export_accept_the_bundle(exported: dict[str, Path]) -> None:

@@ -214,3 +214,18 @@ def test_readme_python_example(tmp_path):
     print(result.files["summary_json"])
     # --- README example ends
     assert result.mean("dice", label=2) == 1.0 and result.mean("dice", label=1) < 1.0
+
+
+def test_a_label_no_prediction_holds_is_reported_as_never_predicted_but_scored_even_in_strict_mode(tmp_path):
+    ref_dir, pred_dir = tmp_path / "labelsTr", tmp_path / "pred"
+    for name in ("case_a", "case_b"):
+        save(ref_dir / f"{name}.nii.gz", two_label_case())
+        save(pred_dir / f"{name}.nii.gz", np.where(two_label_case() == 2, 0, two_label_case()))  # never "right"
+    labels = {1: "left", 2: "right"}
+    result = compute_evaluation(pred_dir, ref_dir, labels=labels, workers=1, progress=False, strict=True)
+    (problem,) = result.problems
+    assert problem.startswith("label 2 (right) is in the reference of 2 of 2 case(s) and in none of their predictions")
+    assert result.aggregates["2"]["dice"]["mean"] == 0.0 and result.aggregates["1"]["dice"]["mean"] == 1.0
+
+    save(pred_dir / "case_b.nii.gz", two_label_case())  # predicted in one case: not a lost class
+    assert compute_evaluation(pred_dir, ref_dir, labels=labels, workers=1, progress=False).problems == []

@@ -167,6 +167,8 @@ def assert_complete_training_run(client: MlflowClient, run, run_dir: Path, epoch
     assert {f.path for f in client.list_artifacts(run_id)} >= {"models", "metrics.csv", CONFIG_FILE}
     downloaded = client.download_artifacts(run_id, "models/model.pt", str(run_dir.parent / "download"))
     assert torch.load(downloaded, weights_only=True).keys() == torch.load(run_dir / "models" / "model.pt").keys()
+    lost = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["lost_classes"]
+    assert run.data.tags.get("lost_classes") == (", ".join(lost) or None)  # tagged when the run lost a class
 
 
 def write_label_folders(root: Path) -> tuple[Path, Path]:

@@ -273,3 +273,50 @@ def test_a_second_training_into_a_run_folder_in_use_is_refused_naming_the_first(
     run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, run_dir, epochs=1))
     assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["finished"]
     assert "on " in (run_dir / ".training.lock").read_text(encoding="utf-8")  # the last holder, for the record
+
+
+class NeverLesion(torch.nn.Module):
+    """The tiny network with its lesion logit held 10^4 below the others: a network that has lost the lesion class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_network()
+        self.register_buffer("offset", torch.tensor([0.0, 0.0, -1e4]).view(1, 3, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.offset
+
+
+def test_a_class_the_network_never_predicts_is_named_lost_at_each_validation_and_at_the_end(tiny_task: Path,
+                                                                                            tmp_path: Path,
+                                                                                            capsys) -> None:
+    from medunet.engines.checkpoint import LOST_CLASS_DICE
+    from medunet.engines.training import SegmentationTraining
+
+    run_dir = tmp_path / "lost"
+    training = SegmentationTraining(run_dir, tiny_task, tiny_task / "folds.json", 0, NeverLesion(), max_epochs=2,
+                                    epoch_length=2, batch_size=1, num_samples=2, patch_size=(16, 16, 16),
+                                    sw_batch_size=2, progress=False, profile_memory=False)
+    summary = training.run()
+    output = capsys.readouterr().out
+
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    best = next(row for row in metrics["epochs"] if row["epoch"] == metrics["best_epoch"])
+    assert all(row["val_dice_lesion"] == 0.0 for row in metrics["epochs"])  # the validation case holds a lesion
+    # Lost: every class below the threshold at the best epoch, the lesion among them, and no other.
+    expected = [name for name in ("organ", "lesion") if best[f"val_dice_{name}"] < LOST_CLASS_DICE]
+    assert "lesion" in expected and metrics["lost_classes"] == expected == summary["lost_classes"]
+    for epoch in (1, 2):
+        assert f"warning: epoch {epoch}: the network predicts almost none of" in output
+    assert output.count("the network predicts almost none of") == 2 and "lesion 0.0000" in output
+    assert f"warning: {run_dir}: the best model (epoch {metrics['best_epoch']}) has lost" in output
+    assert "at epoch(s) 1, 2 (the run has 2)" in output and "--set seed=N" in output
+
+
+def test_lost_classes_are_those_scored_below_the_threshold_not_those_no_case_holds() -> None:
+    from medunet.engines.checkpoint import LOST_CLASS_DICE, lost_classes
+
+    row = {"epoch": 3, "val_mean_dice": 0.004, "val_dice_organ": 0.5, "val_dice_lesion": LOST_CLASS_DICE / 2,
+           "val_dice_cyst": None, "val_dice_vessel": float("nan"), "val_dice_duct": LOST_CLASS_DICE}
+    assert lost_classes(row) == ["lesion"]
+    assert lost_classes({"dice_lesion": 0.0, "mean_dice": 0.0}, prefix="dice_") == ["lesion"]

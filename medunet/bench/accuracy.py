@@ -50,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from medunet.deploy.runner import usable_cpus
+from medunet.engines.checkpoint import lost_classes
 from medunet.engines.config import build_overrides, load_workflow, run_workflow
 from medunet.errors import MedunetError
 from medunet.networks import create_network
@@ -228,7 +229,8 @@ def run_accuracy(
 
     Returns:
         One row per network and fold (``fold``): ``network``, ``params``, ``mean_dice`` and ``dice_<label>`` (validation fold,
-        last validated epoch: ``scored_epoch``), ``best_mean_dice``, ``best_epoch``, ``epochs``, ``train_seconds`` (the sum of the
+        last validated epoch: ``scored_epoch``), ``lost_classes`` (the classes scored below
+        :data:`~medunet.engines.checkpoint.LOST_CLASS_DICE` there: a failed training), ``best_mean_dice``, ``best_epoch``, ``epochs``, ``train_seconds`` (the sum of the
         epochs' times, validation included, over every session that trained the run), ``trained_on`` (device,
         mixed precision, torch version), ``reused`` (True when
         a finished run was read back), ``run_dir``.
@@ -305,6 +307,7 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
         if key.startswith("val_dice_"):
             row[key.removeprefix("val_")] = float(value) if value is not None else float("nan")
     row.update(
+        lost_classes=lost_classes(last),
         scored_epoch=int(last["epoch"]),
         best_mean_dice=metrics.get("best_metric"),
         best_epoch=metrics.get("best_epoch"),
@@ -485,8 +488,9 @@ def fold_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     Returns:
         One dict per network: ``network``, ``folds`` (the fold numbers), ``mean_dice`` and ``mean_dice_sd``, each
-        ``dice_<label>`` and ``dice_<label>_sd``, ``per_fold`` (fold -> mean Dice), ``params``,
-        ``deep_supervision``, ``train_seconds`` (summed over folds).
+        ``dice_<label>`` and ``dice_<label>_sd``, ``per_fold`` (fold -> mean Dice), ``lost`` (fold -> the classes
+        that fold's run lost, :func:`medunet.engines.checkpoint.lost_classes`; failed trainings, still counted in
+        the means), ``params``, ``deep_supervision``, ``train_seconds`` (summed over folds).
     """
     summary = []
     for network in dict.fromkeys(row["network"] for row in rows):
@@ -498,6 +502,7 @@ def fold_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             entry[key] = statistics.fmean(values) if values else float("nan")
             entry[f"{key}_sd"] = _sd(values)
         entry["per_fold"] = {row.get("fold"): float(row["mean_dice"]) for row in mine}
+        entry["lost"] = {row.get("fold"): list(row["lost_classes"]) for row in mine if row.get("lost_classes")}
         entry["deep_supervision"] = mine[0].get("deep_supervision", 0)
         entry["train_seconds"] = round(sum(float(row.get("train_seconds") or 0.0) for row in mine), 1)
         summary.append(entry)
@@ -508,6 +513,9 @@ def compare_networks(summary: Sequence[Mapping[str, Any]], references: Sequence[
     """Each network against each reference, on the folds both were trained on: the mean of the paired per-fold
     differences in mean Dice, their SD, the folds the network wins, and whether the difference exceeds the
     fold-to-fold spread (``|difference| > max(SD of either network over folds)``).
+
+    ``failed_folds`` lists the folds where either run lost a class (see :func:`fold_summary`); with some left,
+    ``healthy`` holds the same comparison without them (a collapsed reference is no win for the network).
 
     Args:
         summary: :func:`fold_summary` output.
@@ -525,16 +533,23 @@ def compare_networks(summary: Sequence[Mapping[str, Any]], references: Sequence[
             common = [k for k in entry["per_fold"] if k in ref["per_fold"]]
             if not common:
                 continue
-            differences = [entry["per_fold"][k] - ref["per_fold"][k] for k in common]
-            spread = max(_sd([entry["per_fold"][k] for k in common]), _sd([ref["per_fold"][k] for k in common]))
-            difference = statistics.fmean(differences)
-            comparisons.append({
-                "network": entry["network"], "reference": reference, "folds": len(common),
-                "difference": difference, "difference_sd": _sd(differences), "fold_sd": spread,
-                "wins": sum(d > 0 for d in differences),
-                "exceeds_spread": len(common) > 1 and abs(difference) > spread,
-            })
+            comparison = {"network": entry["network"], "reference": reference, **_paired(entry, ref, common)}
+            failed = [k for k in common if k in entry.get("lost", {}) or k in ref.get("lost", {})]
+            comparison["failed_folds"] = failed
+            healthy = [k for k in common if k not in failed]
+            if failed and healthy:
+                comparison["healthy"] = _paired(entry, ref, healthy)
+            comparisons.append(comparison)
     return comparisons
+
+
+def _paired(entry: Mapping[str, Any], ref: Mapping[str, Any], folds: Sequence[Any]) -> dict[str, Any]:
+    """The paired comparison of two :func:`fold_summary` entries on ``folds``."""
+    differences = [entry["per_fold"][k] - ref["per_fold"][k] for k in folds]
+    spread = max(_sd([entry["per_fold"][k] for k in folds]), _sd([ref["per_fold"][k] for k in folds]))
+    difference = statistics.fmean(differences)
+    return {"folds": len(folds), "difference": difference, "difference_sd": _sd(differences), "fold_sd": spread,
+            "wins": sum(d > 0 for d in differences), "exceeds_spread": len(folds) > 1 and abs(difference) > spread}
 
 
 def rank_agreement(first: Mapping[str, float], second: Mapping[str, float]) -> dict[str, Any]:

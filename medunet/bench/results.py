@@ -15,21 +15,28 @@ from typing import Any
 import torch
 
 from medunet.bench.efficiency import EfficiencyResult
+from medunet.engines.checkpoint import LOST_CLASS_DICE
 from medunet.environment import cpu_model, device_description, git_commit
 from medunet.profiling import comparison_rows, markdown_table
 from medunet.profiling.profiler import MIB
 
+#: Marks a Dice figure of a run that lost a class (:func:`lost_class_note` explains it under the table).
+LOST_MARK = " †"
+
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Rows of dicts as CSV; the header is the union of keys in first-seen order."""
+    """Rows of dicts as CSV; the header is the union of keys in first-seen order; a list of names becomes
+    ``"a; b"`` (empty: ``""``)."""
     fields: list[str] = []
     for row in rows:
         fields += [key for key in row if key not in fields]
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value)  # noqa: E731
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: "; ".join(value) if names(value) else value for key, value in row.items()}
+                         for row in rows)
     return path
 
 
@@ -66,6 +73,8 @@ def accuracy_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
                 cells[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
         if reference and row is not reference:
             cells["mean_dice"] += f" ({row['mean_dice'] - reference['mean_dice']:+.4f})"
+        if row.get("lost_classes"):
+            cells["mean_dice"] += LOST_MARK
         cells["train min"] = f"{row.get('train_seconds', 0) / 60:.1f}"
         cells["trained on"] = row.get("trained_on") or "-"
         table.append(cells)
@@ -88,7 +97,9 @@ def cross_validation_table(summary: Sequence[dict[str, Any]], baseline: str) -> 
         for key in entry:
             if key.startswith("dice_") and not key.endswith("_sd"):
                 cells[key] = f"{entry[key]:.4f} ± {entry[key + '_sd']:.4f}"
-        cells["per fold"] = " / ".join(f"{value:.4f}" for value in entry["per_fold"].values())
+        lost = entry.get("lost", {})
+        cells["per fold"] = " / ".join(f"{value:.4f}" + (LOST_MARK if fold in lost else "")
+                                       for fold, value in entry["per_fold"].items())
         cells["DS heads"] = str(entry.get("deep_supervision") or 0)
         cells["train min (all folds)"] = f"{entry.get('train_seconds', 0) / 60:.1f}"
         table.append(cells)
@@ -101,16 +112,46 @@ def comparison_sentences(comparisons: Sequence[dict[str, Any]], bar: str | None 
     whether the network beats it by ``margin`` (issue 10 asks for 0.005 over SegResNet)."""
     lines = []
     for c in comparisons:
-        verdict = ("**exceeds the fold-to-fold spread**" if c["exceeds_spread"] else
-                   "within the fold-to-fold spread" if c["folds"] > 1 else "one fold: no spread to compare with")
-        line = (f"- `{c['network']}` vs `{c['reference']}`: {c['difference']:+.4f} mean Dice (paired SD "
-                f"{c['difference_sd']:.4f}, fold SD up to {c['fold_sd']:.4f}, higher in {c['wins']} of {c['folds']} "
-                f"folds): {verdict}.")
+        line = f"- `{c['network']}` vs `{c['reference']}`: {_paired_phrase(c)}."
+        failed = c.get("failed_folds") or []
+        if failed:
+            folds = ", ".join(str(k) for k in failed)
+            which = f"Fold {folds} counts" if len(failed) == 1 else f"Folds {folds} count"
+            line += (f" {which} a run that lost a class ({LOST_MARK.strip()}), a failed training rather than a weaker "
+                     "network; " + (f"without it: {_paired_phrase(c['healthy'])}." if c.get("healthy")
+                                    else "no fold is left without one."))
         if bar is not None and c["reference"] == bar:
-            beats = c["difference"] >= margin and c["exceeds_spread"]
-            line += (f" Beats `{bar}` by {margin} beyond the spread: {'yes' if beats else 'no'}.")
+            judged = c.get("healthy") or c
+            beats = judged["difference"] >= margin and judged["exceeds_spread"] and not (failed and not c.get("healthy"))
+            line += (f" Beats `{bar}` by {margin} beyond the spread{' on the healthy folds' if failed else ''}: "
+                     f"{'yes' if beats else 'no'}.")
         lines.append(line)
     return "\n".join(lines)
+
+
+def _paired_phrase(c: dict[str, Any]) -> str:
+    """A paired comparison (:func:`medunet.bench.accuracy.compare_networks`) in words."""
+    verdict = ("**exceeds the fold-to-fold spread**" if c["exceeds_spread"] else
+               "within the fold-to-fold spread" if c["folds"] > 1 else "one fold: no spread to compare with")
+    return (f"{c['difference']:+.4f} mean Dice (paired SD {c['difference_sd']:.4f}, fold SD up to "
+            f"{c['fold_sd']:.4f}, higher in {c['wins']} of {c['folds']} folds): {verdict}")
+
+
+def lost_class_note(rows: Sequence[dict[str, Any]]) -> str:
+    """A paragraph naming the runs whose scored validation lost a class (empty when none did).
+
+    Args:
+        rows: :func:`medunet.bench.accuracy.run_accuracy` rows.
+    """
+    failed = [row for row in rows if row.get("lost_classes")]
+    if not failed:
+        return ""
+    runs = "; ".join(f"`{row['network']}`" + (f" fold {row['fold']}" if row.get("fold") is not None else "")
+                     + f" ({', '.join(row['lost_classes'])}, mean Dice {row['mean_dice']:.4f})" for row in failed)
+    return (f"{LOST_MARK.strip()} **A run lost a class** (validation Dice below {LOST_CLASS_DICE} at the scored "
+            f"epoch): {runs}. The network predicts (almost) none of that class: a failed training, not a weaker "
+            "network. Its Dice stays in the tables; across folds, the comparisons also give each pair without it. "
+            "Retrain it with another seed (`--set seed=N`) to see the network's own figure.")
 
 
 def rank_agreement_section(agreement: dict[str, Any], first: str, second: str) -> str:
@@ -242,6 +283,9 @@ def results_report(
         else:
             section.append(f"Mean ± SD over folds (sample SD); the bracket is the mean paired difference to "
                            f"`{baseline}`.\n\n{cross_validation_table(folds['summary'], baseline)}")
+        if lost_class_note(accuracy):
+            section.append(lost_class_note(accuracy))
+        if folds is not None:
             section.append("### Which differences exceed the fold-to-fold spread\n\n"
                            + (comparison_sentences(folds["comparisons"], folds.get("bar")) or "No pair to compare."))
             if folds.get("agreement") is not None:

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from medunet.data import TaskPreset
+from medunet.engines.checkpoint import LOST_CLASS_DICE
 from medunet.errors import MedunetError
 from medunet.networks import get_preset as get_network_preset
 from medunet.run_folder import (
@@ -166,6 +167,11 @@ def read_metrics(run: TrainedRun) -> dict[str, Any]:
         best = _number(record.get("best_metric"))
         if best is not None:
             epoch = record.get("best_epoch")
-            return {"source": f"{METRICS_FILE} (validation during training)", "val_mean_dice": round(best, 4),
-                    "best_epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None}
+            metrics = {"source": f"{METRICS_FILE} (validation during training)", "val_mean_dice": round(best, 4),
+                       "best_epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None}
+            lost = record.get("lost_classes")
+            if isinstance(lost, list) and lost and all(isinstance(name, str) for name in lost):
+                metrics["lost_classes"] = (f"{', '.join(lost)}: validation Dice below {LOST_CLASS_DICE}, the model "
+                                           "predicts (almost) none of it (a failed training)")
+            return metrics
     return {}

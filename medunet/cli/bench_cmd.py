@@ -201,7 +201,14 @@ def _run_accuracy_half(
     """Train and score each network; write accuracy.csv, accuracy.md and pareto.png (with --folds also
     accuracy_folds.csv, the mean +- SD per network); log the Dice values."""
     from medunet.bench.accuracy import run_accuracy
-    from medunet.bench.results import accuracy_table, pareto_plot, plot_shape, provenance_line, write_csv
+    from medunet.bench.results import (
+        accuracy_table,
+        lost_class_note,
+        pareto_plot,
+        plot_shape,
+        provenance_line,
+        write_csv,
+    )
 
     rows = run_accuracy(
         accuracy["networks"], accuracy["task_dir"], accuracy["workflow"], accuracy["fold"], args.out,
@@ -211,10 +218,11 @@ def _run_accuracy_half(
     files = [write_csv(rows, args.out / "accuracy.csv")]
     folds = _cross_validation(args, accuracy, rows) if accuracy["folds"] else None
     if folds is None:
-        table = f"Differences are to `{args.baseline}`.\n\n{accuracy_table(rows, args.baseline)}"
+        table = "\n\n".join(part for part in (f"Differences are to `{args.baseline}`.",
+                                               accuracy_table(rows, args.baseline), lost_class_note(rows)) if part)
         points = rows
     else:
-        files.append(write_csv([{k: v for k, v in entry.items() if k != "per_fold"} for entry in folds["summary"]],
+        files.append(write_csv([{k: v for k, v in entry.items() if k not in ("per_fold", "lost")} for entry in folds["summary"]],
                                args.out / "accuracy_folds.csv"))
         table = folds["markdown"]
         points = folds["summary"]
@@ -238,13 +246,19 @@ def _cross_validation(args: argparse.Namespace, accuracy: dict[str, Any], rows: 
     import csv
 
     from medunet.bench.accuracy import compare_networks, fold_summary, rank_agreement
-    from medunet.bench.results import comparison_sentences, cross_validation_table, rank_agreement_section
+    from medunet.bench.results import (
+        comparison_sentences,
+        cross_validation_table,
+        lost_class_note,
+        rank_agreement_section,
+    )
 
     summary = fold_summary(rows)
     comparisons = compare_networks(summary, list(dict.fromkeys([args.baseline, args.bar])))
     folds: dict[str, Any] = {"summary": summary, "comparisons": comparisons, "bar": args.bar}
     parts = [f"Mean ± SD over folds; the bracket is the mean paired difference to `{args.baseline}`.",
-             cross_validation_table(summary, args.baseline), comparison_sentences(comparisons, args.bar)]
+             cross_validation_table(summary, args.baseline), lost_class_note(rows), comparison_sentences(comparisons, args.bar)]
+    parts = [part for part in parts if part]
     if args.compare is not None:
         other: dict[str, list[float]] = {}
         with (args.compare / "accuracy.csv").open(encoding="utf-8") as handle:

@@ -12,6 +12,7 @@ Run folder layout (``RUN_DIR``), written by rank 0 only, read by tracking and bu
       checkpoints/checkpoint_last.pt  resume state: network, optimizer, lr_scheduler, trainer, run_state, ...
       metrics.csv, metrics.json    one row per epoch: train_loss, learning_rate, val_mean_dice,
                                    val_dice_<label>, epoch_seconds; metrics.json adds best_metric/best_epoch
+                                   and lost_classes (those the best model scores below 0.01 Dice on)
       cache/                       PersistentDataset files when ``cache="disk"``
       predictions/<case>.nii.gz    ``medunet infer`` / the demo: label maps in each input's original space
       evaluation/                  ``evaluate_folders`` output: cases.csv, summary.json, report.html, report.pdf

@@ -13,7 +13,8 @@ Files (``RUN_DIR`` layout in :mod:`medunet.engines`):
 - ``checkpoints/checkpoint_last.pt``: resume state ``{"network", "optimizer", "lr_scheduler", "trainer",
   "run_state"[, "scaler", "early_stop"]}``; ``run_state`` holds the history, the best score and whether the
   run finished;
-- ``metrics.csv`` and ``metrics.json``: one row per epoch (train loss, learning rate, validation Dice, time).
+- ``metrics.csv`` and ``metrics.json``: one row per epoch (train loss, learning rate, validation Dice, time);
+  ``metrics.json`` also names the classes the best model has lost (``lost_classes``, :func:`lost_classes`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from medunet.atomic import atomic_write_text, replace_atomically
 from medunet.run_folder import LAST_MODEL_FILE, METRICS_CSV, METRICS_JSON, MODEL_FILE, RESUME_FILE  # noqa: F401
 
 KEY_METRIC = "val_mean_dice"
+#: Below this validation Dice a class is, in effect, never predicted: the run has lost it. SegResNet did so in one
+#: of ten Hippocampus runs of the CPU protocol (benchmarks/README.md, "A second seed"); such a run's mean Dice
+#: measures a failed training, not the network.
+LOST_CLASS_DICE = 0.01
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -70,6 +75,38 @@ def checkpoint_epoch(checkpoint: Mapping[str, Any]) -> int:
     if "epoch" in trainer:
         return int(trainer["epoch"])
     return int(trainer["iteration"]) // int(trainer["epoch_length"])
+
+
+def per_label_dice(evaluator: Engine, label_names: Mapping[int, str], key_metric: str = KEY_METRIC) -> dict[str, float | None]:
+    """Each foreground label's mean validation Dice over the cases (``{name: Dice}``, None where no case has it).
+
+    Read from the per-case details MONAI's ``MeanDice(save_details=True)`` leaves in ``evaluator.state``; empty when
+    the metric kept none.
+
+    Args:
+        evaluator: a MONAI evaluator after its run.
+        label_names: foreground label value -> name.
+        key_metric: the name the Dice metric is registered under.
+    """
+    details = getattr(evaluator.state, "metric_details", {}).get(key_metric)
+    if details is None:
+        return {}
+    per_label = torch.nanmean(torch.as_tensor(details, dtype=torch.float64), dim=0)  # (cases, labels) over ranks
+    return {label_names[value]: _finite(score)
+            for value, score in zip(sorted(label_names), per_label.tolist(), strict=False)}
+
+
+def lost_classes(row: Mapping[str, Any], prefix: str = "val_dice_") -> list[str]:
+    """The classes of a metrics row (``{prefix}<name>: Dice``) scored below :data:`LOST_CLASS_DICE`.
+
+    A class no validation case contains (None or NaN) is not lost: there was nothing to find.
+
+    Args:
+        row: one epoch of ``metrics.json`` (or a benchmark row, with ``prefix="dice_"``).
+        prefix: what precedes the class name in the keys.
+    """
+    return [key.removeprefix(prefix) for key, value in row.items()
+            if key.startswith(prefix) and isinstance(value, (int, float)) and value < LOST_CLASS_DICE]
 
 
 def _finite(value: Any) -> Any:
@@ -140,6 +177,12 @@ class RunRecorder:
         self.finished = bool(state.get("finished", False))
         self.stop_reason = str(state.get("stop_reason", ""))
 
+    def lost_classes(self) -> list[str]:
+        """The classes the best model (without one, the last validated epoch) scores below :data:`LOST_CLASS_DICE`."""
+        validated = [row for row in self.history if row.get(self.key_metric) is not None]
+        chosen = [row for row in validated if row["epoch"] == self.best_epoch] or validated[-1:]
+        return lost_classes(chosen[0]) if chosen else []
+
     def attach(self, trainer: Engine, evaluator: Engine | None) -> None:
         """Hook the recorder to the trainer's epochs and iterations and to the evaluator's completion."""
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
@@ -164,11 +207,8 @@ class RunRecorder:
         metrics = evaluator.state.metrics
         mean_dice = _finite(metrics.get(self.key_metric))
         self._validation = {self.key_metric: mean_dice}
-        details = getattr(evaluator.state, "metric_details", {}).get(self.key_metric)
-        if details is not None:  # (cases, foreground labels), gathered over ranks by MONAI
-            per_label = torch.nanmean(torch.as_tensor(details, dtype=torch.float64), dim=0)
-            for value, score in zip(sorted(self.label_names), per_label.tolist(), strict=False):
-                self._validation[f"val_dice_{self.label_names[value]}"] = _finite(score)
+        for name, score in per_label_dice(evaluator, self.label_names, self.key_metric).items():
+            self._validation[f"val_dice_{name}"] = score
         if mean_dice is not None and mean_dice > self.best_metric:
             self.best_metric, self.best_epoch = float(mean_dice), int(self.resume_objects["trainer"].state.epoch)
             if self.write:
@@ -220,6 +260,7 @@ class RunRecorder:
             "key_metric": self.key_metric,
             "finished": self.finished,
             "stop_reason": self.stop_reason,
+            "lost_classes": self.lost_classes(),
             "epochs": self.history,
         }
         atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / METRICS_JSON)

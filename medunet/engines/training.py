@@ -67,11 +67,13 @@ from medunet.data import (
 from medunet.data.transforms import AUGMENTATIONS
 from medunet.engines.checkpoint import (
     KEY_METRIC,
+    LOST_CLASS_DICE,
     MODEL_FILE,
     RESUME_FILE,
     RunRecorder,
     atomic_write_text,
     checkpoint_epoch,
+    lost_classes,
 )
 from medunet.engines.distributed import DistContext, barrier, init_distributed, wrap_ddp
 from medunet.engines.guards import NonFiniteLossGuard
@@ -494,15 +496,32 @@ class SegmentationTraining:
         parts = [f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
                  for key, value in row.items() if key != "epoch" and value is not None]
         message = f"epoch {engine.state.epoch}/{engine.state.max_epochs}: " + " ".join(parts)
+        lost = lost_classes(row)
+        if lost:
+            scores = ", ".join(f"{name} {row[f'val_dice_{name}']:.4f}" for name in lost)
+            message += (f"\nwarning: epoch {engine.state.epoch}: the network predicts almost none of "
+                        f"{_classes(lost)} (validation Dice {scores}, below {LOST_CLASS_DICE}). Early in a run this "
+                        "can pass; if it lasts, the run has lost the class.")
         (print if not self.progress else _tqdm_write)(message)
+
+    def _warn_lost_classes(self, lost: list[str]) -> None:
+        """Say, at the end, that the best model has lost a class: its Dice measures a failed training."""
+        history = self.recorder.history
+        epochs = [str(row["epoch"]) for row in history if set(lost) & set(lost_classes(row))]
+        print(f"warning: {self.run_dir}: the best model (epoch {self.recorder.best_epoch or history[-1]['epoch']}) has "
+              f"lost {_classes(lost)}: validation Dice below {LOST_CLASS_DICE} at epoch(s) {', '.join(epochs)} (the "
+              f"run has {len(history)}). Its mean Dice is that of a failed training, not of the network. Fix: train "
+              "again into a new --run-dir with another seed (--set seed=N) or a larger batch (--set num_samples=N); "
+              "SegResNet lost a class in 1 of 10 short Hippocampus runs (medunet's benchmarks/README.md).")
 
     # -- running ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Build if needed, train (or resume) to ``max_epochs`` or early stop, and return the run summary.
 
         Returns:
-            ``{"run_dir", "best_metric", "best_epoch", "epochs", "finished", "stop_reason", "seconds",
-            "resumed_from_epoch", "last": <last history row>}``.
+            ``{"run_dir", "best_metric", "best_epoch", "epochs", "finished", "stop_reason", "lost_classes",
+            "seconds", "resumed_from_epoch", "last": <last history row>}``; ``lost_classes`` names the classes the
+            finished run's best model scores below ``LOST_CLASS_DICE`` on (a failed training; a warning says so).
         """
         if self.trainer is None:
             self.build()
@@ -522,6 +541,9 @@ class SegmentationTraining:
             barrier(context)
         finally:
             self._lock.release()
+        lost = recorder.lost_classes() if recorder.finished else []
+        if lost and context.is_main:
+            self._warn_lost_classes(lost)
         return {
             "run_dir": str(self.run_dir),
             "best_metric": recorder.best_metric if recorder.best_epoch else None,
@@ -529,10 +551,15 @@ class SegmentationTraining:
             "epochs": len(recorder.history),
             "finished": recorder.finished,
             "stop_reason": recorder.stop_reason,
+            "lost_classes": lost,
             "seconds": round(time.perf_counter() - start, 1),
             "resumed_from_epoch": self.resumed_from_epoch,
             "last": recorder.history[-1] if recorder.history else {},
         }
+
+
+def _classes(names: list[str]) -> str:
+    return ("class " if len(names) == 1 else "classes ") + ", ".join(names)
 
 
 def _is_plain_path(value: Any) -> bool:

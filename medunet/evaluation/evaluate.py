@@ -157,6 +157,7 @@ def compute_evaluation(
     problems += _outcome_problems(outcomes, label_names)
     if strict and problems:
         raise MedunetError("evaluation problems (strict mode):\n  " + "\n  ".join(problems))
+    problems += _never_predicted(outcomes, label_names)  # a finding about the network, scored: not refused by strict
     rows = [row for outcome in outcomes for row in _case_rows(outcome, label_names, tolerance_mm)]
     aggregates = aggregate(rows, label_names)
     settings = {
@@ -262,6 +263,24 @@ def _outcome_problems(outcomes: Sequence[CaseOutcome], labels: Mapping[int, str]
         unknown = sorted(outcome.pred_labels - set(labels))
         if unknown:
             problems.append(f"{outcome.pair.name}: prediction has label values {unknown} not in the label set; ignored")
+    return problems
+
+
+def _never_predicted(outcomes: Sequence[CaseOutcome], labels: Mapping[int, str]) -> list[str]:
+    """A label that references hold and no prediction does: the network never outputs it (a lost class)."""
+    scored = [outcome for outcome in outcomes if outcome.pair.pred_file is not None and not outcome.note]
+    if not scored:
+        return []
+    predicted = set().union(*(outcome.pred_labels for outcome in scored))
+    problems = []
+    for label, name in labels.items():
+        holding = sum(label in outcome.ref_labels for outcome in scored)
+        if holding and label not in predicted:
+            problems.append(
+                f"label {label} ({name}) is in the reference of {holding} of {len(scored)} case(s) and in none of "
+                "their predictions: the network never outputs it (a training that lost the class, or predictions "
+                "written with other label values). Fix: check the run's per-class validation Dice (metrics.csv, "
+                "'lost_classes' in metrics.json) and retrain with another seed, or map the label values.")
     return problems
 
 

@@ -59,7 +59,8 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
         profile = read_json_file(run_dir / PROFILE_FILE, "the model facts of the run") or {}
         tracker.log_params(profile.get("params") or {})
         tracker.log_metrics(profile.get("metrics") or {})
-    rows = (read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics") or {}).get("epochs") or []
+    record = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics") or {}
+    rows = record.get("epochs") or []
     for row in rows[pushed:]:
         values = {_RENAMED.get(key, key): value for key, value in row.items() if key != "epoch" and value is not None}
         tracker.log_metrics(values, step=int(row["epoch"]))
@@ -67,6 +68,9 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
         for name, folder in ((MODEL_FILE, "models"), (METRICS_CSV, None)):
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name, folder)
+        lost = record.get("lost_classes")
+        if isinstance(lost, list) and lost:  # the classes the best model never predicts: a failed training
+            tracker.set_tags({"lost_classes": ", ".join(map(str, lost))})
     if tracker.active:  # only what the store took counts as pushed
         atomic_write_text(json.dumps({"tracking_uri": tracker.uri, "experiment": tracker.experiment,
                                       "run_id": tracker.run_id, "config_pushed": True,
