@@ -9,6 +9,12 @@ matplotlib's ``PdfPages``) write the right format.
 A SIGKILL leaves the temporary file behind. It is hidden, so case listings skip it (see
 :func:`is_hidden`), and :func:`remove_stale_temporaries` deletes those of processes that no longer run.
 
+No write follows a symbolic link out of its folder. A run folder is data people send each other, and one could hold
+``.tmp<PID>.metrics.json -> ~/.bashrc`` (PIDs are few): the temporary file is created anew, exclusively and without
+following a link (``O_EXCL | O_NOFOLLOW``), and ``os.replace`` replaces a link at the destination, not its target.
+The files medunet appends to or locks (``train.log``, ``.training.lock``) are opened with :func:`open_own_file`, which
+refuses a link.
+
 Example:
     >>> with atomic_path("out/case1.nii.gz") as temporary:  # doctest: +SKIP
     ...     nib.save(image, temporary)
@@ -16,16 +22,20 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from medunet.errors import MedunetError
 from medunet.workers import process_runs
 
 _TEMPORARY_NAME = re.compile(r"^\.tmp(\d+)\.")
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the OS has none (Windows: no symbolic links by default)
 
 
 def temporary_path(path: str | Path) -> Path:
@@ -47,6 +57,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_path(path)
     try:
+        temporary.unlink(missing_ok=True)  # one of a killed process with this PID, or a planted link: never followed
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o666))
         yield temporary
         _fsync(temporary)
         os.replace(temporary, path)
@@ -84,6 +96,39 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         path: the destination file; its folder is created.
     """
     atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def open_own_file(path: str | Path, mode: str = "a") -> IO[str]:
+    """Open a file medunet appends to or locks (a log, a lock file) as UTF-8 text, refusing a symbolic link.
+
+    Args:
+        path: the file; created if missing.
+        mode: ``"a"`` (append) or ``"a+"`` (append and read).
+
+    Raises:
+        MedunetError: ``path`` is a symbolic link or not a regular file, naming it and the fix.
+    """
+    # O_NONBLOCK: a named pipe in its place fails instead of waiting for a reader; regular files ignore it.
+    flags = {"a": os.O_WRONLY, "a+": os.O_RDWR}[mode] | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | _NO_FOLLOW
+    path = Path(path)
+    if path.is_symlink():
+        problem = f"is a symbolic link (to {os.readlink(path)!r})"
+    else:
+        try:
+            descriptor = os.open(path, flags, 0o666)  # O_NOFOLLOW: a link made since the check fails here too
+        except IsADirectoryError:
+            problem = "is a folder"
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: a named pipe nobody reads
+                raise
+            problem = "is not a regular file"
+        else:
+            if stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return os.fdopen(descriptor, mode, encoding="utf-8")
+            os.close(descriptor)
+            problem = "is not a regular file"
+    raise MedunetError(f"{path} {problem}: medunet writes this file itself and follows no link out of its folder "
+                       "(a folder from elsewhere could point it at any file of yours). Fix: delete it and rerun.")
 
 
 def is_hidden(path: str | Path) -> bool:

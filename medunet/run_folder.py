@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -442,6 +443,25 @@ def read_run_record(run_dir: str | Path) -> RunRecord:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedunetError(f"{source} is not valid JSON ({error}). Fix: repair it or re-run training.") from None
     return RunRecord.from_dict(raw, str(source))
+
+
+def check_own_folders(run_dir: str | Path) -> None:
+    """Refuse a run folder whose ``models/`` or ``checkpoints/`` is a symbolic link.
+
+    Training writes fixed names there (``model.pt``, ``model_last.pt``, ``checkpoint_last.pt``): through a link, a run
+    folder from elsewhere would have it overwrite those files wherever the link points (another run's models).
+
+    Raises:
+        MedunetError: naming the link, its target and the fix.
+    """
+    for name in {Path(MODEL_FILE).parent.name, Path(RESUME_FILE).parent.name}:
+        path = Path(run_dir) / name
+        if path.is_symlink():
+            raise MedunetError(
+                f"{path} is a symbolic link (to {os.readlink(path)!r}): training writes {name}/ itself and would "
+                "overwrite the files wherever it points. Fix: delete the link (if its files are this run's, copy them "
+                "into a real folder of that name) and rerun."
+            )
 
 
 def write_run_record(record: RunRecord, run_dir: str | Path) -> Path:

@@ -268,6 +268,45 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_writes_never_follow_a_link_planted_in_the_folder(tmp_path: Path):
+    from medunet.atomic import open_own_file
+    from medunet.errors import MedunetError
+
+    outside = tmp_path / "home"
+    outside.mkdir()
+    victims = {name: outside / name for name in (".bashrc", ".profile", "notes.txt")}
+    for name, victim in victims.items():
+        victim.write_text(f"precious {name}", encoding="utf-8")
+    folder = tmp_path / "run_from_elsewhere"
+    folder.mkdir()
+    # A link where this process's temporary file goes, and one at the destination itself.
+    temporary_path(folder / "metrics.json").symlink_to(victims[".bashrc"])
+    (folder / "metrics.csv").symlink_to(victims[".profile"])
+    atomic_write_text("new", folder / "metrics.json")
+    atomic_write_text("new", folder / "metrics.csv")
+    for name in ("metrics.json", "metrics.csv"):
+        assert not (folder / name).is_symlink() and (folder / name).read_text(encoding="utf-8") == "new"
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.csv", "metrics.json"]
+
+    # Appended and locked files: a link, a folder or a named pipe in their place is refused, naming it.
+    (folder / "train.log").symlink_to(victims["notes.txt"])
+    with pytest.raises(MedunetError, match=r"train\.log is a symbolic link .*notes\.txt.* Fix: delete it"):
+        open_own_file(folder / "train.log")
+    (folder / "lock").mkdir()
+    with pytest.raises(MedunetError, match="lock is a folder"):
+        open_own_file(folder / "lock", "a+")
+    os.mkfifo(folder / "pipe")
+    with pytest.raises(MedunetError, match="pipe is not a regular file"):
+        open_own_file(folder / "pipe")  # fails at once instead of waiting for a reader
+    assert {name: victim.read_text(encoding="utf-8") for name, victim in victims.items()} == {
+        name: f"precious {name}" for name in victims}
+    with open_own_file(folder / "fresh.log") as stream, open_own_file(folder / "fresh.log") as again:
+        stream.write("one\n")
+        stream.flush()
+        again.write("two\n")
+    assert (folder / "fresh.log").read_text(encoding="utf-8") == "one\ntwo\n"
+
+
 # ----------------------------------------------------------------------------- refusing to overwrite inputs
 
 

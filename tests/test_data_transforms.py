@@ -95,6 +95,28 @@ def test_build_dataset_per_cache_mode(ct_task, tmp_path: Path, cache: str) -> No
         assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
 
+def test_disk_cache_is_recomputed_for_a_file_changed_since_and_reused_otherwise(ct_task, tmp_path: Path) -> None:
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    preset = preset_for_task(ct_task)
+    case = ct_task.training[0].as_dict()
+    for key in ("image", "label"):
+        case[key] = str(shutil.copy(case[key], tmp_path / Path(case[key]).name))
+    cache = tmp_path / "cache"
+    first = build_dataset([case], val_transforms(preset), cache="disk", cache_dir=cache)[0]
+    assert first["label"].sum() > 0
+    again = build_dataset([case], val_transforms(preset), cache="disk", cache_dir=cache)[0]
+    assert len(list(cache.glob("*.pt"))) == 1 and torch.equal(again["label"], first["label"])  # reused
+
+    label = nib.load(case["label"])  # the label map repaired: every voxel background now
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine, label.header), case["label"])
+    changed = build_dataset([case], val_transforms(preset), cache="disk", cache_dir=cache)[0]
+    assert changed["label"].sum() == 0 and len(list(cache.glob("*.pt"))) == 2  # not the stale entry
+
+
 def test_disk_cache_without_a_folder_and_unknown_modes_are_refused() -> None:
     with pytest.raises(MedunetError, match="cache_dir"):
         build_dataset([], lambda x: x, cache="disk")

@@ -275,6 +275,29 @@ def test_a_second_training_into_a_run_folder_in_use_is_refused_naming_the_first(
     assert "on " in (run_dir / ".training.lock").read_text(encoding="utf-8")  # the last holder, for the record
 
 
+def test_a_run_folder_whose_lock_or_models_link_elsewhere_is_refused_and_nothing_written_through(tiny_task: Path,
+                                                                                                   tmp_path: Path) -> None:
+    other_run = tmp_path / "my_other_run" / "models"
+    other_run.mkdir(parents=True)
+    (other_run / "model.pt").write_bytes(b"weights I keep")
+    (tmp_path / ".bashrc").write_text("precious", encoding="utf-8")
+
+    locked = tmp_path / "received_a"
+    locked.mkdir()
+    (locked / ".training.lock").symlink_to(tmp_path / ".bashrc")
+    with pytest.raises(MedunetError, match=r"\.training\.lock is a symbolic link"):
+        run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, locked))
+    linked = tmp_path / "received_b"
+    linked.mkdir()
+    (linked / "models").symlink_to(other_run)
+    with pytest.raises(MedunetError, match=r"models is a symbolic link .*my_other_run.* Fix: delete the link"):
+        run_workflow(DEMO_WORKFLOW, tiny_settings(tiny_task, linked))
+
+    assert (tmp_path / ".bashrc").read_text(encoding="utf-8") == "precious"
+    assert [p.name for p in other_run.iterdir()] == ["model.pt"] and (other_run / "model.pt").read_bytes() == b"weights I keep"
+    assert sorted(p.name for p in linked.iterdir()) == [".training.lock", "models"]  # nothing else written
+
+
 class NeverLesion(torch.nn.Module):
     """The tiny network with its lesion logit held 10^4 below the others: a network that has lost the lesion class."""
 

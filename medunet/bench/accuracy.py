@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from medunet.atomic import open_own_file
 from medunet.deploy.runner import usable_cpus
 from medunet.engines.checkpoint import lost_classes
 from medunet.engines.config import build_overrides, load_workflow, run_workflow
@@ -390,7 +391,7 @@ def _train_logged(workflow: Path, overrides: Mapping[str, Any], log: Path) -> fl
     """:func:`_train` in a worker process, its output sent to ``log`` and its CPU threads its share of the cores
     (:class:`CoreShare`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream), \
+    with open_own_file(log) as stream, redirect_stdout(stream), redirect_stderr(stream), \
             CoreShare(_running, usable_cpus()):
         return _train(workflow, overrides)
 

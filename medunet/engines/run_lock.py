@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from medunet.atomic import open_own_file
 from medunet.errors import MedunetError
 
 try:
@@ -49,12 +50,13 @@ class RunFolderLock:
         if fcntl is None or self.held:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        stream = open(self.run_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        stream = open_own_file(self.run_dir / LOCK_FILE, "a+")  # held until release(); a planted link is refused
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             stream.seek(0)
-            holder = stream.read().strip() or "another process"
+            holder = stream.read(200).strip() or "another process"
+            holder = holder if holder.isprintable() else repr(holder)  # no terminal escapes from a planted file
             stream.close()
             raise MedunetError(
                 f"{self.run_dir} is being trained by {holder}: two trainings in one run folder would overwrite each "

@@ -90,6 +90,7 @@ from medunet.run_folder import (
     NetworkRecord,
     RunRecord,
     Session,
+    check_own_folders,
     is_run_folder,
     read_run_record,
     write_run_record,
@@ -292,6 +293,7 @@ class SegmentationTraining:
             raise
 
     def _build(self, context: DistContext) -> SegmentationTraining:
+        check_own_folders(self.run_dir)  # a received run folder's models/ linked elsewhere is not written through
         self._check_same_run()
         set_determinism(seed=self.seed + context.rank)
         show = self.progress and context.is_main
