@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,20 +445,29 @@ def read_run_record(run_dir: str | Path) -> RunRecord:
     return RunRecord.from_dict(raw, str(source))
 
 
-def check_own_folders(run_dir: str | Path) -> None:
-    """Refuse a run folder whose ``models/`` or ``checkpoints/`` is a symbolic link.
+#: The folders of a run that medunet writes into by itself: ``models/`` and ``checkpoints/`` (training), ``predictions/``
+#: (``medunet infer`` without ``--out``).
+OWN_FOLDERS = (Path(MODEL_FILE).parent.name, Path(RESUME_FILE).parent.name, PREDICTIONS_DIR)
 
-    Training writes fixed names there (``model.pt``, ``model_last.pt``, ``checkpoint_last.pt``): through a link, a run
+
+def check_own_folders(run_dir: str | Path, folders: Sequence[str] = OWN_FOLDERS) -> None:
+    """Refuse a run folder where one of ``folders`` is a symbolic link.
+
+    medunet writes fixed names there (``model.pt``, ``checkpoint_last.pt``, ``<case>.nii.gz``): through a link, a run
     folder from elsewhere would have it overwrite those files wherever the link points (another run's models).
+
+    Args:
+        run_dir: the run folder.
+        folders: the names inside it to check.
 
     Raises:
         MedunetError: naming the link, its target and the fix.
     """
-    for name in {Path(MODEL_FILE).parent.name, Path(RESUME_FILE).parent.name}:
+    for name in folders:
         path = Path(run_dir) / name
         if path.is_symlink():
             raise MedunetError(
-                f"{path} is a symbolic link (to {os.readlink(path)!r}): training writes {name}/ itself and would "
+                f"{path} is a symbolic link (to {os.readlink(path)!r}): medunet writes {name}/ itself and would "
                 "overwrite the files wherever it points. Fix: delete the link (if its files are this run's, copy them "
                 "into a real folder of that name) and rerun."
             )

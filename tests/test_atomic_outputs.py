@@ -169,6 +169,26 @@ def test_sigkill_during_cli_infer_then_rerun_skips_finished_cases(trained_run, t
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_infer_into_a_received_run_folder_whose_predictions_link_elsewhere_is_refused(trained_run, tmp_path: Path,
+                                                                                      capsys):
+    run_dir, task_dir = trained_run
+    received = tmp_path / "received"
+    shutil.copytree(run_dir, received, ignore=shutil.ignore_patterns("predictions"))
+    elsewhere = tmp_path / "my_scans"
+    elsewhere.mkdir()
+    (elsewhere / "phantom_000.nii.gz").write_bytes(b"my own file")
+    (received / "predictions").symlink_to(elsewhere)
+    args = ["infer", "--run-dir", str(received), "--input", str(task_dir / "imagesTr"), "--no-tracking"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "predictions is a symbolic link" in error and "my_scans" in error and "Fix: delete the link" in error
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["phantom_000.nii.gz"]
+    assert (elsewhere / "phantom_000.nii.gz").read_bytes() == b"my own file"
+    # An output folder the user names is theirs to choose, link or not.
+    assert main([*args, "--output", str(received / "predictions")]) == 0
+    assert len(final_files(elsewhere)) == 5
+
+
 def test_infer_rerun_skips_existing_predictions_and_overwrite_rewrites_them(trained_run, tmp_path: Path, capsys):
     run_dir, task_dir = trained_run
     images, out = task_dir / "imagesTr", tmp_path / "pred"

@@ -38,7 +38,13 @@ from medunet.data import TaskPreset, infer_transforms
 from medunet.data.readers import IMAGE_SUFFIXES, has_suffix, simpleitk, strip_image_suffix
 from medunet.data.transforms import class_to_label_transform
 from medunet.errors import MedunetError
-from medunet.run_folder import PREDICTIONS_DIR, RunRecord, load_trained_network, read_run_record
+from medunet.run_folder import (
+    PREDICTIONS_DIR,
+    RunRecord,
+    check_own_folders,
+    load_trained_network,
+    read_run_record,
+)
 
 
 def _is_dicom_series(folder: Path) -> bool:
@@ -422,6 +428,8 @@ def predict_runs(
     run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not run_dirs:
         raise MedunetError("no run folder given. Fix: pass --run-dir RUN_DIR [RUN_DIR ...].")
+    if output_dir is None:  # the run folder's own predictions/: not through a link that came with the folder
+        check_own_folders(run_dirs[0], (PREDICTIONS_DIR,))
     networks, records = [], []
     for run_dir in run_dirs:
         network, record = engine_network(run_dir, engine, checkpoint, threads)
