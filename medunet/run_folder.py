@@ -1,7 +1,9 @@
 """The run folder: its layout and the record of a training run (``config.json``), owned by this module alone.
 
 Training writes :class:`RunRecord` with :func:`write_run_record`; inference, bundle export, the demo, the
-benchmark and resume read it with :func:`read_run_record`. Nothing else opens ``config.json``.
+benchmark and resume read it with :func:`read_run_record`. Nothing else opens ``config.json``. The per-epoch
+``metrics.json`` (written by :class:`medunet.engines.checkpoint.RunRecorder`) is read back, checked, through
+:func:`read_metrics_record` by the bench, bundle export and tracking.
 
 A run folder is data people send each other, so reading one never runs code. :func:`read_run_record` builds
 only what medunet's network registry knows (a registered preset name, or a class registered with
@@ -491,6 +493,66 @@ def read_json_file(path: str | Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedunetError(f"{path} ({what}) is not valid JSON ({error}). Fix: repair it or delete it.") from None
+
+
+def read_metrics_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``metrics.json``, checked (None when absent): what the bench scores, the bundle card states and
+    tracking logs comes from here, so a NaN, a string or a truncated record is refused, not scored.
+
+    Every epoch row is an object with an integer ``epoch`` (increasing) and otherwise finite numbers or null;
+    ``val_*`` values (Dice) lie in [0, 1], ``epoch_seconds`` is not negative. ``best_metric`` is null or in [0, 1],
+    ``best_epoch`` null or a recorded epoch, ``finished`` true or false, ``lost_classes`` a list of names.
+
+    Args:
+        run_dir: a run folder.
+
+    Raises:
+        MedunetError: naming the file, the field and the value, and the fix.
+    """
+    path = Path(run_dir) / METRICS_JSON
+    record = read_json_file(path, "the run's per-epoch metrics")
+    if record is None:
+        return None
+    where = str(path)
+    if not isinstance(record, dict) or not isinstance(record.get("epochs"), list):
+        raise MedunetError(f"{where} is not a metrics record (an object with an 'epochs' list). Fix: restore the file "
+                           "the training wrote, or delete the run folder and train again.")
+    previous = 0
+    for index, row in enumerate(record["epochs"]):
+        at = f"{where}: epochs[{index}]"
+        if not isinstance(row, dict):
+            raise MedunetError(f"{at} is a {type(row).__name__}, not an epoch row (an object). Fix: restore the file "
+                               "the training wrote.")
+        epoch = _integer(row.get("epoch"), f"{at}.epoch", minimum=previous + 1)
+        for key, value in row.items():
+            if key != "epoch":
+                _metric_value(value, f"{at}.{key}", key)
+        previous = epoch
+    _metric_value(record.get("best_metric"), f"{where}: best_metric", "val_best")
+    best_epoch = _integer(record.get("best_epoch"), f"{where}: best_epoch", minimum=1, required=False)
+    if best_epoch is not None and best_epoch not in {row["epoch"] for row in record["epochs"]}:
+        raise MedunetError(f"{where}: best_epoch {best_epoch} is not a recorded epoch. Fix: restore the file the "
+                           "training wrote, or delete the run folder and train again.")
+    if not isinstance(record.get("finished", False), bool):
+        raise MedunetError(f"{where}: finished must be true or false, got {str(record['finished'])[:80]!r}. Fix: "
+                           "restore the file the training wrote.")
+    lost = record.get("lost_classes", [])
+    if not isinstance(lost, list) or not all(isinstance(name, str) and name.isprintable() for name in lost):
+        raise MedunetError(f"{where}: lost_classes must be a list of class names, got {str(lost)[:80]!r}. Fix: "
+                           "restore the file the training wrote.")
+    return record
+
+
+def _metric_value(value: Any, where: str, key: str) -> None:
+    """A per-epoch value: null, or a finite number; a Dice (``val_*``) in [0, 1]; seconds not negative."""
+    number = _number(value, where, required=False)
+    if number is None:
+        return
+    if key.startswith("val_") and not 0.0 <= number <= 1.0:
+        raise MedunetError(f"{where} is {number!r}: a Dice lies in [0, 1]. Fix: restore the file the training wrote.")
+    if key == "epoch_seconds" and number < 0:
+        raise MedunetError(f"{where} is {number!r}: a duration is not negative. Fix: restore the file the training "
+                           "wrote.")
 
 
 def weights_file(run_dir: str | Path, checkpoint: str = "best") -> Path:

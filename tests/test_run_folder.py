@@ -251,3 +251,75 @@ def test_paths_are_recorded_as_they_read_on_any_machine_with_the_same_layout(tmp
         assert resolve_portable(portable_path(path)) == path.resolve()
     record = RunRecord.from_dict({**_record().to_dict(), "dataset_dir": "../shared/data/Task04_Hippocampus"})
     assert record.dataset_path == beside.resolve()
+
+
+# -- metrics.json: what the bench scores, the bundle card states and tracking logs --------------------------
+def _metrics() -> dict[str, Any]:
+    """A record as RunRecorder writes it: two epochs, validated at the second."""
+    return {"best_metric": 0.62, "best_epoch": 2, "key_metric": "val_mean_dice", "finished": True,
+            "stop_reason": "max_epochs reached", "lost_classes": [],
+            "epochs": [{"epoch": 1, "train_loss": 1.2, "learning_rate": 0.001, "val_mean_dice": None,
+                        "epoch_seconds": 3.5},
+                       {"epoch": 2, "train_loss": 0.9, "learning_rate": 0.0005, "val_mean_dice": 0.62,
+                        "val_dice_organ": 0.8, "val_dice_lesion": 0.44, "epoch_seconds": 3.4}]}
+
+
+def _hostile(change: str) -> Any:
+    metrics = _metrics()
+    last = metrics["epochs"][-1]
+    if change == "nan":
+        last["val_mean_dice"] = float("nan")  # json.dumps writes NaN, json.loads reads it back
+    elif change == "string":
+        last["val_dice_lesion"] = "0.99"
+    elif change == "out of range":
+        last["val_mean_dice"] = 7.5
+    elif change == "repeated epoch":
+        last["epoch"] = 1
+    elif change == "unknown best epoch":
+        metrics["best_epoch"] = 9
+    elif change == "not a row":
+        metrics["epochs"][0] = [1, 2]
+    elif change == "no epochs":
+        metrics = [metrics]
+    elif change == "lost classes text":
+        metrics["lost_classes"] = "lesion"
+    return metrics
+
+
+HOSTILE_METRICS = {"nan": r"val_mean_dice must be a finite number, got nan",
+                   "string": r"val_dice_lesion must be a finite number, got '0.99'",
+                   "out of range": r"val_mean_dice is 7.5: a Dice lies in \[0, 1\]",
+                   "repeated epoch": r"epochs\[1\]\.epoch must be an integer >= 2, got 1",
+                   "unknown best epoch": "best_epoch 9 is not a recorded epoch",
+                   "not a row": r"epochs\[0\] is a list, not an epoch row",
+                   "no epochs": "is not a metrics record",
+                   "lost classes text": "lost_classes must be a list of class names"}
+
+
+@pytest.mark.parametrize("change", HOSTILE_METRICS)
+def test_a_metrics_record_with_a_nan_a_string_or_a_gap_is_refused_not_scored(run_dir: Path, change: str) -> None:
+    from medunet.bench.accuracy import accuracy_row
+    from medunet.run_folder import read_metrics_record
+
+    (run_dir / "metrics.json").write_text(json.dumps(_metrics()), encoding="utf-8")
+    assert read_metrics_record(run_dir) == _metrics() and accuracy_row(run_dir)["mean_dice"] == 0.62
+    (run_dir / "metrics.json").write_text(json.dumps(_hostile(change)), encoding="utf-8")
+    for reader in (read_metrics_record, accuracy_row):
+        with pytest.raises(MedunetError, match=HOSTILE_METRICS[change]) as error:
+            reader(run_dir)
+        assert str(run_dir / "metrics.json") in str(error.value) and "Fix:" in str(error.value)
+
+
+def test_bundle_export_and_tracking_refuse_a_nan_metrics_record_and_write_nothing(run_dir: Path, tmp_path: Path,
+                                                                                   capsys) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(_hostile("nan")), encoding="utf-8")
+    store = tmp_path / "mlruns.db"
+    assert medunet_main(["export-bundle", str(run_dir), str(tmp_path / "bundle"), "--no-memory"]) == 2
+    assert medunet_main(["track", str(run_dir), "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert capsys.readouterr().err.count("val_mean_dice must be a finite number, got nan") == 2
+    assert not (tmp_path / "bundle").exists()
+    if store.exists():  # refused before an MLflow run was started
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}")
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

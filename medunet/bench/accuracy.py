@@ -62,6 +62,7 @@ from medunet.run_folder import (
     WORKFLOW_PATH_KEYS,
     RunRecord,
     read_json_file,
+    read_metrics_record,
     read_run_record,
 )
 from medunet.workers import exit_with_parent
@@ -292,7 +293,7 @@ def accuracy_row(run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     record = read_run_record(run_dir)
-    metrics = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics") or {"epochs": []}
+    metrics = read_metrics_record(run_dir) or {"epochs": []}
     validated = [row for row in metrics["epochs"] if row.get("val_mean_dice") is not None]
     if not validated:
         raise MedunetError(f"{run_dir}/{METRICS_JSON} has no validated epoch; the run cannot be scored. "
@@ -438,7 +439,7 @@ def _trained_on(record: RunRecord) -> str:
 
 
 def _finished(run_dir: Path) -> bool:
-    metrics = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics")
+    metrics = read_metrics_record(run_dir)
     return bool(metrics and metrics.get("finished"))
 
 

@@ -31,6 +31,7 @@ from medunet.run_folder import (
     check_literal,
     load_trained_network,
     read_json_file,
+    read_metrics_record,
     read_run_record,
 )
 
@@ -162,7 +163,7 @@ def read_metrics(run: TrainedRun) -> dict[str, Any]:
             if dice is not None and str(value).isdigit() and int(value) in run.labels:  # labels the run knows
                 metrics[f"dice_{run.labels[int(value)]}"] = round(dice, 4)
         return metrics
-    record = read_json_file(run.run_dir / METRICS_FILE, "the run's per-epoch metrics")
+    record = read_metrics_record(run.run_dir)
     if isinstance(record, dict):
         best = _number(record.get("best_metric"))
         if best is not None:

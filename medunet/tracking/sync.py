@@ -22,11 +22,11 @@ from medunet.errors import MedunetError
 from medunet.run_folder import (
     CONFIG_FILE,
     METRICS_CSV,
-    METRICS_JSON,
     MODEL_FILE,
     PROFILE_FILE,
     TRACKING_FILE,
     read_json_file,
+    read_metrics_record,
 )
 from medunet.tracking.tracker import Tracker
 
@@ -48,6 +48,7 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
     """Send what the run folder holds and the MLflow run does not yet: parameters and profile once, new epoch
     rows each time, artifacts when ``final``. Returns the number of epochs sent."""
     run_dir = Path(run_dir)
+    record = read_metrics_record(run_dir) or {}  # checked before the MLflow run starts: a bad record leaves none
     tracker.start()
     if not tracker.active:
         return 0
@@ -59,7 +60,6 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
         profile = read_json_file(run_dir / PROFILE_FILE, "the model facts of the run") or {}
         tracker.log_params(profile.get("params") or {})
         tracker.log_metrics(profile.get("metrics") or {})
-    record = read_json_file(run_dir / METRICS_JSON, "the run's per-epoch metrics") or {}
     rows = record.get("epochs") or []
     for row in rows[pushed:]:
         values = {_RENAMED.get(key, key): value for key, value in row.items() if key != "epoch" and value is not None}
@@ -101,7 +101,7 @@ def track_folder(folder: str | Path, tracking_uri: str | None = None, experiment
     if (folder / CONFIG_FILE).is_file():
         tracker = tracker_for_run_folder(folder, tracking_uri, experiment)
         push_run_folder(folder, tracker, final=True)
-        finished = (read_json_file(folder / METRICS_JSON, "the run's per-epoch metrics") or {}).get("finished")
+        finished = (read_metrics_record(folder) or {}).get("finished")
         tracker.end("FINISHED" if finished else "KILLED")
     elif (folder / "summary.json").is_file():
         tracker = Tracker(tracking_uri, experiment, run_name=folder.name, run_dir=folder, tags={"kind": "evaluate"})
