@@ -484,15 +484,26 @@ def write_run_record(record: RunRecord, run_dir: str | Path) -> Path:
     return path
 
 
-def read_json_file(path: str | Path, what: str) -> Any:
-    """A JSON file of a run folder (metrics, tracking), or None when absent; broken files raise clearly."""
+def read_json_file(path: str | Path, what: str, expect: type | None = None) -> Any:
+    """A JSON file of a run folder (metrics, tracking), or None when absent; broken files raise clearly.
+
+    Args:
+        path: the file.
+        what: what it holds, for the error message.
+        expect: the type the top level must have (``dict``, ``list``); None accepts any.
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MedunetError(f"{path} ({what}) is not valid JSON ({error}). Fix: repair it or delete it.") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        raise MedunetError(f"{path} ({what}) is a JSON {type(value).__name__}, not {kind}. Fix: restore the file "
+                           "medunet wrote, or delete it.")
+    return value
 
 
 def read_metrics_record(run_dir: str | Path) -> dict[str, Any] | None:

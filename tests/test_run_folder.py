@@ -8,6 +8,7 @@ exports (``export-bundle``, ``export-onnx``) stop with exit code 2 before anythi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,29 @@ def test_bundle_export_and_tracking_refuse_a_nan_metrics_record_and_write_nothin
 
         client = MlflowClient(f"sqlite:///{store}")
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("profile.json", "[1]", r"profile\.json \(the model facts of the run\) is a JSON list, not an object"),
+    ("profile.json", '{"params": [1]}', r"profile\.json: 'params' is not an object"),
+])
+def test_tracking_refuses_a_malformed_profile_before_starting_a_run(run_dir: Path, tmp_path: Path, capsys,
+                                                                    name: str, content: str, message: str) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(_metrics()), encoding="utf-8")
+    (run_dir / name).write_text(content, encoding="utf-8")
+    store = tmp_path / "mlruns.db"
+    assert medunet_main(["track", str(run_dir), "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    if store.exists():
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}")
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_the_bench_refuses_a_workflow_record_that_is_not_an_object(run_dir: Path) -> None:
+    from medunet.bench.accuracy import CPU_RECIPE, _check_same_recipe
+
+    (run_dir / "workflow.json").write_text("[1]", encoding="utf-8")
+    with pytest.raises(MedunetError, match=r"workflow\.json \(the workflow the run was trained with\) is a JSON list"):
+        _check_same_recipe(run_dir, dict(CPU_RECIPE))

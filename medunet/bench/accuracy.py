@@ -445,7 +445,7 @@ def _finished(run_dir: Path) -> bool:
 
 def _check_same_recipe(run_dir: Path, overrides: Mapping[str, Any]) -> None:
     """Refuse a run folder trained (or begun) with another recipe, network, fold or data."""
-    before = read_json_file(run_dir / WORKFLOW_FILE, "the workflow the run was trained with")
+    before = read_json_file(run_dir / WORKFLOW_FILE, "the workflow the run was trained with", expect=dict)
     if before is None:
         return
     before, overrides = _portable(before), _portable(overrides)  # paths compare the same on every machine

@@ -48,16 +48,22 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
     """Send what the run folder holds and the MLflow run does not yet: parameters and profile once, new epoch
     rows each time, artifacts when ``final``. Returns the number of epochs sent."""
     run_dir = Path(run_dir)
-    record = read_metrics_record(run_dir) or {}  # checked before the MLflow run starts: a bad record leaves none
+    # Both records checked before the MLflow run starts: a bad one leaves no run behind.
+    record = read_metrics_record(run_dir) or {}
+    profile = read_json_file(run_dir / PROFILE_FILE, "the model facts of the run", expect=dict) or {}
+    for part in ("params", "metrics"):
+        if not isinstance(profile.get(part) or {}, dict):
+            raise MedunetError(f"{run_dir / PROFILE_FILE}: '{part}' is not an object. Fix: delete the file (the "
+                               "model facts are then not logged) or restore the one the training wrote.")
     tracker.start()
     if not tracker.active:
         return 0
     state = _state(run_dir)
     same_run = state.get("run_id") == tracker.run_id
-    pushed = int(state.get("epochs_pushed") or 0) if same_run else 0
+    pushed = state.get("epochs_pushed") if same_run else 0
+    pushed = pushed if isinstance(pushed, int) and not isinstance(pushed, bool) and pushed >= 0 else 0
     if not same_run or not state.get("config_pushed"):
         tracker.log_config(run_dir / CONFIG_FILE)
-        profile = read_json_file(run_dir / PROFILE_FILE, "the model facts of the run") or {}
         tracker.log_params(profile.get("params") or {})
         tracker.log_metrics(profile.get("metrics") or {})
     rows = record.get("epochs") or []
