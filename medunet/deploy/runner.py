@@ -51,10 +51,86 @@ def load_plan(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DeployError(f"{path} does not exist. Fix: run this script from a folder written by "
                           "'medunet export-deploy' (it holds plan.json and model.onnx).")
-    plan = json.loads(path.read_text(encoding="utf-8"))
-    if plan.get("format") != "medunet-deploy" or int(plan.get("version", 0)) != 1:
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DeployError(f"{path} is not valid JSON ({error}). Fix: export it again.") from None
+    if not isinstance(plan, dict) or plan.get("format") != "medunet-deploy" or plan.get("version") != 1:
         raise DeployError(f"{path} is not a medunet deployment plan of version 1. Fix: export it again.")
+    check_plan(plan, str(path))
     return plan
+
+
+def check_plan(plan: dict[str, Any], where: str) -> None:
+    """Refuse a plan whose values are not what ``medunet export-deploy`` writes (a deployment folder is data people
+    copy to devices): every number finite and in range, the model files plain names inside the folder.
+
+    Raises:
+        DeployError: naming the field, its value and the fix.
+    """
+    def refuse(field: str, expected: str) -> None:
+        value = repr(_field(plan, field))[:80]
+        raise DeployError(f"{where}: {field} is {value}; expected {expected}. Fix: export the folder again with "
+                          "'medunet export-deploy'.")
+
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    labels = plan.get("labels")
+    if not (isinstance(labels, dict) and labels and all(isinstance(key, str) and key.isdigit() and isinstance(name, str)
+                                                        for key, name in labels.items())):
+        refuse("labels", "an object of label values (digits) to names")
+    for field, least in (("in_channels", 1), ("out_channels", 2)):
+        if not count(plan.get(field), least):
+            refuse(field, f"an integer >= {least}")
+    if plan["out_channels"] != len(labels):
+        refuse("out_channels", f"the number of labels ({len(labels)})")
+    spacing = plan.get("target_spacing")
+    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
+                                    and all(number(v) and v > 0 for v in spacing)):
+        refuse("target_spacing", "null or three positive numbers (mm)")
+    intensity = plan.get("intensity")
+    kind = intensity.get("kind") if isinstance(intensity, dict) else None
+    if kind == "ct_window":
+        window = intensity.get("window")
+        if not (isinstance(window, list) and len(window) == 2 and all(map(number, window)) and window[0] < window[1]):
+            refuse("intensity.window", "two numbers, low < high (HU)")
+    elif kind != "zscore_nonzero_channelwise":
+        refuse("intensity.kind", "'ct_window' or 'zscore_nonzero_channelwise'")
+    if not isinstance(plan.get("crop_foreground", False), bool):
+        refuse("crop_foreground", "true or false")
+    if not number(plan.get("non_finite_fill")):
+        refuse("non_finite_fill", "a finite number")
+    window = plan.get("sliding_window")
+    if not isinstance(window, dict):
+        refuse("sliding_window", "an object")
+    roi = window.get("roi_size")
+    if not (isinstance(roi, list) and len(roi) == 3 and all(count(v, 1) for v in roi)):
+        refuse("sliding_window.roi_size", "three positive integers")
+    if not (number(window.get("overlap")) and 0 <= window["overlap"] < 1):
+        refuse("sliding_window.overlap", "a number in [0, 1)")
+    if not count(window.get("sw_batch_size", 1), 1):
+        refuse("sliding_window.sw_batch_size", "an integer >= 1")
+    if not (number(window.get("sigma_scale", 0.125)) and window.get("sigma_scale", 0.125) > 0):
+        refuse("sliding_window.sigma_scale", "a positive number")
+    models = plan.get("models")
+    if not isinstance(models, dict) or "fp32" not in models:
+        refuse("models", "an object naming the 'fp32' model file")
+    for key, name in models.items():
+        if not (isinstance(name, str) and name not in ("", ".", "..") and name.isprintable()
+                and "/" not in name and "\\" not in name):
+            refuse(f"models.{key}", "a file name inside the deployment folder")
+
+
+def _field(plan: dict[str, Any], field: str) -> Any:
+    """A dotted field of the plan, or None where the path is missing."""
+    value: Any = plan
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -450,7 +526,7 @@ def segment(
     """Segment ``image`` with the deployment in ``folder`` (default: this file's folder) and write ``output``."""
     folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
     plan = load_plan(folder)
-    model = folder / plan["models"]["int8" if int8 else "fp32"]
+    model = folder / plan["models"].get("int8" if int8 else "fp32", "model.int8.onnx")
     if not model.is_file():
         raise DeployError(f"{model} does not exist. Fix: export it again with 'medunet export-deploy'"
                           + (" (without --no-int8), or drop --int8." if int8 else "."))
