@@ -33,7 +33,9 @@ def test_a_task_no_preset_knows_trains_from_its_plan(tmp_path: Path, capsys) -> 
     assert "axis z is more than 3x coarser" in plan["sources"]["target_spacing"]  # 2.5 mm slices, 0.8 mm pixels
 
     run = tmp_path / "run"
-    assert main(["train", str(task), "--network", "lunet_small_4f", "--epochs", "4", "--run-dir", str(run),
+    # Eight short epochs: the organ Dice after them was 0.77-0.94 at seeds 0-3 (2026-12-07); after four, seed 0 (the
+    # default, now also drawing the initial weights) was still at 0.08.
+    assert main(["train", str(task), "--network", "lunet_small_4f", "--epochs", "8", "--run-dir", str(run),
                  "--set", "epoch_length=8", "--set", "batch_size=1", "--set", "num_samples=2", "--set", "learning_rate=0.003",
                  "--set", "progress=false", "--set", "profile_memory=false", "--no-tracking"]) == 0
     record = read_run_record(run)
@@ -73,5 +75,5 @@ def test_a_task_no_preset_knows_trains_from_its_plan(tmp_path: Path, capsys) -> 
                  str(tmp_path / "evaluation"), "--no-report", "--no-tracking"]) == 0
     summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean"]) == {"1", "2", "4"}
-    assert summary["mean"]["1"]["Dice"] > 0.3  # the organ is learnt even in four short epochs
+    assert summary["mean"]["1"]["Dice"] > 0.3  # the organ is learnt in eight short epochs
     capsys.readouterr()

@@ -298,6 +298,30 @@ def test_a_run_folder_whose_lock_or_models_link_elsewhere_is_refused_and_nothing
     assert sorted(p.name for p in linked.iterdir()) == [".training.lock", "models"]  # nothing else written
 
 
+def test_the_same_seed_trains_the_same_weights_and_another_seed_other_ones(tiny_task: Path, tmp_path: Path) -> None:
+    def trained(name: str, seed: int) -> dict[str, torch.Tensor]:
+        run_dir = tmp_path / name
+        run_workflow(DEMO_WORKFLOW, {**tiny_settings(tiny_task, run_dir, epochs=1, epoch_length=2), "seed": seed,
+                                     "profile_memory": False})
+        return torch.load(run_dir / "models" / "model_last.pt", weights_only=True)["model"]
+
+    first, again, other = trained("first", 3), trained("again", 3), trained("other", 4)
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+    # The same through 'medunet train --network' (which resets network_def), at the workflow's seed 0.
+    by_cli = []
+    for name in ("cli_a", "cli_b"):
+        settings = tiny_settings(tiny_task, tmp_path / name, epochs=1, epoch_length=2)
+        assert main([*cli_args(settings), "--no-tracking", "--set", "profile_memory=false"]) == 0
+        by_cli.append(torch.load(tmp_path / name / "models" / "model_last.pt", weights_only=True)["model"])
+    assert all(torch.equal(by_cli[0][key], by_cli[1][key]) for key in by_cli[0])
+    # The seed draws the initial weights without touching the global generator.
+    state = torch.random.get_rng_state()
+    a, b = (create_network(NETWORK, spatial_dims=3, in_channels=1, out_channels=3, seed=5) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 class NeverLesion(torch.nn.Module):
     """The tiny network with its lesion logit held 10^4 below the others: a network that has lost the lesion class."""
 

@@ -11,7 +11,7 @@ applies its options as overrides of the same top-level keys:
 option              key                    note
 ==================  =====================  ==============================================================
 ``--network NAME``  ``network_name``       any ``medunet networks`` name; resets ``network_def`` to
-                                           ``$create_network(@network_name, **@network_args)``
+                                           ``$create_network(@network_name, seed=@seed, **@network_args)``
 ``--fold K``        ``fold``
 ``--data-root DIR`` ``dataset_dir``        the MSD task folder
 ``--datalist F``    ``datalist``
@@ -37,7 +37,8 @@ from medunet.errors import MedunetError, user_error_inside
 #: The shipped workflows (package data): ``base.json`` and one short override file per task.
 WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
 BASE_KEY = "_base_"
-NETWORK_DEF = "$create_network(@network_name, **@network_args)"
+#: The network of ``--network NAME``, its initial weights drawn from the workflow's ``seed`` (``create_network``).
+NETWORK_DEF = "$create_network(@network_name, seed=@seed, **@network_args)"
 
 
 def list_workflows() -> list[Path]:
@@ -180,6 +181,8 @@ def load_workflow(config_file: str | Path, overrides: Mapping[str, Any] | None =
             f"workflow {path} has no key(s) {unknown}. Fix: use one of its keys: {sorted(parser.get())}."
         )
     parser.update(dict(overrides or {}))
+    if parser.get("network_def") == NETWORK_DEF and "seed" not in parser.get():  # a workflow of yours without one
+        parser["network_def"] = NETWORK_DEF.replace("seed=@seed, ", "")
     return parser
 
 

@@ -140,7 +140,9 @@ class SegmentationTraining:
         early_stop_patience: stop after this many validations without improvement; 0 disables.
         amp: mixed precision (only used on CUDA).
         device: compute device; default ``cuda:LOCAL_RANK`` when available, else CPU.
-        seed: random seed (each rank adds its rank).
+        seed: random seed of the data sampling and augmentation (each rank adds its rank). The network's initial
+            weights are drawn where it is built: ``create_network(..., seed=seed)`` (as the workflows do) makes them
+            the same for the same seed too.
         resume: continue from ``RUN_DIR/checkpoints/checkpoint_last.pt`` when present.
         check_data: run ``assert_task_ok`` on the task and datalist before building anything.
         progress: show progress bars (rank 0).

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from medunet.errors import MedunetError
@@ -113,14 +114,24 @@ def registered_name_of_class(class_path: str) -> str | None:
     return None
 
 
-def create_network(name: str, **overrides: Any) -> nn.Module:
+def create_network(name: str, *, seed: int | None = None, **overrides: Any) -> nn.Module:
     """Build a registered preset or class by name; keywords override the preset's defaults.
+
+    Args:
+        name: the preset (or registered class) name.
+        seed: draw the initial weights from ``torch.manual_seed(seed)`` on a forked generator (the global one is left
+            as it was), so one seed always gives the same weights; None draws them from the global generator.
+        overrides: constructor keywords.
 
     Example::
 
-        net = create_network("lunet_small_8f", spatial_dims=3, in_channels=1, out_channels=3)
+        net = create_network("lunet_small_8f", spatial_dims=3, in_channels=1, out_channels=3, seed=0)
     """
-    return get_preset(name).build(**overrides)
+    if seed is None:
+        return get_preset(name).build(**overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_preset(name).build(**overrides)
 
 
 def list_networks(
