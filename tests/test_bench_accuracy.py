@@ -236,13 +236,13 @@ def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(
     other.mkdir()
     (other / "accuracy.csv").write_text("network,fold,mean_dice\nunet_small_2f,0,0.8\nunet_small_2f,1,0.9\n"
                                         "lunet_small_2f,0,0.7\n", encoding="utf-8")
-    code = main(["bench", "--networks", "lunet_small_2f", "--baseline", "unet_small_2f", "--shapes", "1x1x16x16x16",
-                 "--volume", "none", "--no-train", "--repeats", "1", "--out", str(out), "--accuracy",
-                 "--task-dir", str(phantom), "--workflow", str(WORKFLOW), "--folds", "0", "1", "--protocol", "cpu",
-                 "--epochs", "1", "--epoch-length", "2", "--set", "patch_size=[16,16,16]",
-                 "--set", "profile_memory=false", "--results", str(results), "--no-tracking", "--compare", str(other),
-                 "--accuracy-networks", "lunet_small_2f"])
-    assert code == 0
+    args = ["bench", "--networks", "lunet_small_2f", "--baseline", "unet_small_2f", "--shapes", "1x1x16x16x16",
+            "--volume", "none", "--no-train", "--repeats", "1", "--out", str(out), "--accuracy",
+            "--task-dir", str(phantom), "--workflow", str(WORKFLOW), "--folds", "0", "1", "--protocol", "cpu",
+            "--epochs", "1", "--epoch-length", "2", "--set", "patch_size=[16,16,16]",
+            "--set", "profile_memory=false", "--results", str(results), "--no-tracking", "--compare", str(other),
+            "--accuracy-networks", "lunet_small_2f"]
+    assert main(args) == 0
     assert "unet_small_2f is trained too" in capsys.readouterr().out  # the baseline the user did not list is said
     rows = list(csv.DictReader((out / "accuracy.csv").open(encoding="utf-8")))
     assert [(row["network"], row["fold"]) for row in rows] == [("unet_small_2f", "0"), ("lunet_small_2f", "0"),
@@ -265,6 +265,13 @@ def test_bench_cross_validation_writes_mean_sd_sentences_and_the_rank_agreement(
     command = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
     again = build_parser().parse_args(shlex.split(command)[1:])
     assert again.folds == [0, 1] and again.protocol == "cpu" and again.compare == other
+
+    # Another bench's table with a value that is no Dice is refused, naming the line (the runs above are reused).
+    (other / "accuracy.csv").write_text("network,fold,mean_dice\nunet_small_2f,0,0.8\nlunet_small_2f,0,nan\n",
+                                        encoding="utf-8")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "accuracy.csv, line 3: mean_dice is 'nan', not a Dice in [0, 1]" in capsys.readouterr().err
 
 
 def test_repeated_memory_figures_report_the_median_of_fresh_processes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 from pathlib import Path
@@ -261,15 +262,30 @@ def _cross_validation(args: argparse.Namespace, accuracy: dict[str, Any], rows: 
     parts = [part for part in parts if part]
     if args.compare is not None:
         other: dict[str, list[float]] = {}
-        with (args.compare / "accuracy.csv").open(encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                other.setdefault(row["network"], []).append(float(row["mean_dice"]))
+        source = args.compare / "accuracy.csv"
+        with source.open(encoding="utf-8") as handle:
+            for line, row in enumerate(csv.DictReader(handle), start=2):
+                other.setdefault(row.get("network") or "", []).append(_dice_cell(row.get("mean_dice"), source, line))
         means = {name: sum(values) / len(values) for name, values in other.items()}
         agreement = rank_agreement({entry["network"]: entry["mean_dice"] for entry in summary}, means)
         folds.update(agreement=agreement, protocols=(f"this run ({accuracy['protocol']} protocol)", str(args.compare)))
         parts.append(rank_agreement_section(agreement, *folds["protocols"]))
     folds["markdown"] = "\n\n".join(parts)
     return folds
+
+
+def _dice_cell(text: str | None, source: Path, line: int) -> float:
+    """A mean Dice read from another bench's ``accuracy.csv``: a number in [0, 1], else ``MedunetError``."""
+    from medunet.errors import MedunetError
+
+    try:
+        value = float(text or "")
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise MedunetError(f"{source}, line {line}: mean_dice is {str(text)[:40]!r}, not a Dice in [0, 1]. Fix: "
+                           "rerun that bench (or pass the --out folder it wrote).")
+    return value
 
 
 def _setup_line(accuracy: dict[str, Any]) -> str:
