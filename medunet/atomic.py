@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,57 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent)  # make the rename itself durable
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``path`` to fill; on success it takes ``path``'s place (an existing
+    ``path`` is moved aside first and deleted once the new one is in place).
+
+    On an exception the temporary folder is deleted and ``path`` is left as it was: a failed export never leaves
+    half a bundle, nor takes the previous one away.
+
+    Args:
+        path: the folder to create or replace; its parent is created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_folder(path)
+    temporary = temporary_path(path)
+    aside = path.with_name(f".old{os.getpid()}.{path.name}")
+    temporary.mkdir()
+    try:
+        yield temporary
+        if path.exists() or path.is_symlink():
+            os.replace(path, aside)
+            os.replace(temporary, path)
+            _remove(aside)
+        else:
+            os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def _recover_folder(path: Path) -> None:
+    """Clean up after :func:`atomic_folder` runs for ``path`` that were killed: their temporary folders are deleted,
+    and a previous ``path`` they had moved aside is put back if nothing took its place."""
+    pattern = re.compile(rf"^\.(tmp|old)(\d+)\.{re.escape(path.name)}$")
+    for entry in sorted(path.parent.iterdir()):
+        match = pattern.match(entry.name)
+        if not match or (process_runs(int(match.group(2))) and int(match.group(2)) != os.getpid()):
+            continue
+        if match.group(1) == "old" and not (path.exists() or path.is_symlink()):
+            os.replace(entry, path)
+        else:
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not its target) or a folder tree, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def replace_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:

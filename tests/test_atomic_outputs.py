@@ -169,6 +169,26 @@ def test_sigkill_during_cli_infer_then_rerun_skips_finished_cases(trained_run, t
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_forced_export_killed_half_way_leaves_the_previous_bundle_and_the_rerun_replaces_it(trained_run,
+                                                                                            tmp_path: Path):
+    run_dir, _ = trained_run
+    target = tmp_path / "bundles" / "model"
+    assert main(["export-bundle", str(run_dir), str(target), "--no-memory"]) == 0
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    command = [sys.executable, "-m", "medunet", "export-bundle", str(run_dir), str(target), "--force", "--no-memory"]
+
+    def building(process: subprocess.Popen) -> bool:  # the new bundle is being written beside the old one
+        folder = target.parent / f".tmp{process.pid}.model" / "configs"
+        return folder.is_dir() and any(folder.iterdir())
+
+    kill_when(command, building)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert any(p.name.startswith(".tmp") for p in target.parent.iterdir())  # the killed export's half bundle
+    assert main(["export-bundle", str(run_dir), str(target), "--force", "--no-memory"]) == 0
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # replaced; the killed one's folder removed
+    assert {p.relative_to(target) for p in target.rglob("*") if p.is_file()} == set(before)
+
+
 def test_infer_into_a_received_run_folder_whose_predictions_link_elsewhere_is_refused(trained_run, tmp_path: Path,
                                                                                       capsys):
     run_dir, task_dir = trained_run

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from medunet.atomic import atomic_folder
 from medunet.bundle.card import DEFAULT_LICENSE, model_card
 from medunet.bundle.configs import CONFIG_NAMES, bundle_configs
 from medunet.bundle.metadata import build_metadata, validate_metadata
@@ -139,10 +140,8 @@ def export_bundle(
     """
     run = read_run(run_dir)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise MedunetError(f"{out_dir} exists and is not empty. Fix: pass another OUT_DIR, or --force to replace it.")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise MedunetError(f"{out_dir} exists and is not empty. Fix: pass another OUT_DIR, or --force to replace it.")
     if license_file is not None and not Path(license_file).is_file():
         raise MedunetError(f"license file {license_file} does not exist. Fix: pass an existing file or leave it out.")
 
@@ -158,20 +157,23 @@ def export_bundle(
     # (MONAI's ConfigParser reads it beside the configs).
     check_literal(metadata, "the bundle's metadata.json")
 
-    _write_json(metadata, out_dir / "configs" / "metadata.json")
-    for config_name, config in configs.items():
-        _write_json(config, out_dir / "configs" / f"{config_name}.json")
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict()}, out_dir / MODEL_FILE)
-    (out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "docs" / "README.md").write_text(model_card(run, metadata), encoding="utf-8")
-    if license_file is not None:
-        shutil.copyfile(license_file, out_dir / "LICENSE")
-    else:
-        (out_dir / "LICENSE").write_text(DEFAULT_LICENSE.format(copyright=metadata["copyright"]), encoding="utf-8")
+    # Built in a temporary folder that replaces out_dir only once complete and checked (--force included): a failed
+    # or killed export leaves the previous bundle, never half of a new one.
+    with atomic_folder(out_dir) as bundle:
+        _write_json(metadata, bundle / "configs" / "metadata.json")
+        for config_name, config in configs.items():
+            _write_json(config, bundle / "configs" / f"{config_name}.json")
+        (bundle / "models").mkdir(parents=True, exist_ok=True)
+        torch.save({"model": network.state_dict()}, bundle / MODEL_FILE)
+        (bundle / "docs").mkdir(parents=True, exist_ok=True)
+        (bundle / "docs" / "README.md").write_text(model_card(run, metadata), encoding="utf-8")
+        if license_file is not None:
+            shutil.copyfile(license_file, bundle / "LICENSE")
+        else:
+            (bundle / "LICENSE").write_text(DEFAULT_LICENSE.format(copyright=metadata["copyright"]), encoding="utf-8")
 
-    validate_metadata(out_dir / "configs" / "metadata.json")
-    _check_torchscript(network, _export_torchscript(run, out_dir), run)
+        validate_metadata(bundle / "configs" / "metadata.json")
+        _check_torchscript(network, _export_torchscript(run, bundle), run)
     return out_dir
 
 
