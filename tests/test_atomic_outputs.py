@@ -347,6 +347,27 @@ def test_writes_never_follow_a_link_planted_in_the_folder(tmp_path: Path):
     assert (folder / "fresh.log").read_text(encoding="utf-8") == "one\ntwo\n"
 
 
+def test_atomic_folder_puts_back_what_a_killed_process_moved_aside_and_keeps_it_on_failure(tmp_path: Path):
+    from medunet.atomic import atomic_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
+    pid = int(dead.stdout)
+    target = tmp_path / "model"
+    (tmp_path / f".old{pid}.model").mkdir()  # killed between moving the old folder aside and putting the new in place
+    (tmp_path / f".old{pid}.model" / "weights.pt").write_text("old", encoding="utf-8")
+    (tmp_path / f".tmp{pid}.model").mkdir()  # and its half-built new one
+    with pytest.raises(RuntimeError), atomic_folder(target) as building:
+        (building / "weights.pt").write_text("half", encoding="utf-8")
+        raise RuntimeError("this export fails too")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (target / "weights.pt").read_text(encoding="utf-8") == "old"
+    with atomic_folder(target) as building:
+        (building / "weights.pt").write_text("new", encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (target / "weights.pt").read_text(encoding="utf-8") == "new"
+
+
 # ----------------------------------------------------------------------------- refusing to overwrite inputs
 
 
