@@ -69,7 +69,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
+def atomic_folder(path: str | Path, merge: bool = False, last: str | None = None) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``path`` to fill; on success it takes ``path``'s place (an existing
     ``path`` is moved aside first and deleted once the new one is in place).
 
@@ -78,6 +78,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
     Args:
         path: the folder to create or replace; its parent is created.
+        merge: instead of replacing ``path``, move each entry of the built folder into it (replacing entries of the
+            same name, keeping the others): a folder that may hold files of the user's.
+        last: with ``merge``, the entry moved last (the one that makes the others count, e.g. a plan).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,11 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
-        if path.exists() or path.is_symlink():
+        if merge:
+            path.mkdir(exist_ok=True)
+            for entry in sorted(temporary.iterdir(), key=lambda entry: (entry.name == last, entry.name)):
+                os.replace(entry, path / entry.name)
+        elif path.exists() or path.is_symlink():
             os.replace(path, aside)
             os.replace(temporary, path)
             _remove(aside)

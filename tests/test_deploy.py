@@ -158,8 +158,18 @@ def test_export_without_calibration_data_names_the_fix(trained_run, tmp_path: Pa
     (moved / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(MedunetError, match="calibration-images"):
         export_deploy(moved, tmp_path / "deploy")
+    assert not (tmp_path / "deploy").exists()  # nothing half-made
     assert main(["export-deploy", str(moved), str(tmp_path / "deploy"), "--no-int8"]) == 0
     assert not (tmp_path / "deploy" / "model.int8.onnx").exists()
+    # A later export that fails after the fp32 model was made leaves the deployment that works, byte for byte.
+    (tmp_path / "deploy" / "notes.txt").write_text("mine", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "deploy").iterdir()}
+    with pytest.raises(MedunetError, match="calibration-images"):
+        export_deploy(moved, tmp_path / "deploy", opset=18)  # another graph than the working one
+    assert {p.name: p.read_bytes() for p in (tmp_path / "deploy").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "run"]  # no build folder left
+    assert main(["export-deploy", str(moved), str(tmp_path / "deploy"), "--no-int8"]) == 0
+    assert (tmp_path / "deploy" / "notes.txt").read_text(encoding="utf-8") == "mine"  # a user's file is kept
 
 
 def test_runner_refuses_a_missing_input_in_one_line(deployment: Path, tmp_path: Path) -> None:

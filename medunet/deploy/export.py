@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from medunet.atomic import atomic_path, atomic_write_text
+from medunet.atomic import atomic_folder, atomic_path
 from medunet.deploy import runner
 from medunet.errors import MedunetError
 
@@ -229,35 +229,30 @@ def export_deploy(
 
     network, preset, record = load_run(run_dir, checkpoint)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     window = {**record.sliding_window, "overlap": DEFAULT_OVERLAP if overlap is None else overlap}
     plan = deploy_plan(preset, window, record.network.name, int8)
-    files: dict[str, Path] = {}
-
-    fp32 = out_dir / FP32_MODEL
-    with atomic_path(fp32) as temporary:
-        exported = export_onnx(network, temporary, (1, preset.in_channels, *plan["sliding_window"]["roi_size"]),
-                               opset=opset, conv3d_as_2d=conv3d_as_2d)
-    files["fp32"] = fp32
     agreement, count = None, 0
-    if int8:
-        images = _calibration_images(record, calibration_images, calibration_cases)
-        windows = calibration_windows(images, plan)
-        if not windows:
-            raise MedunetError("no calibration windows could be made. Fix: pass --calibration-images.")
-        quantize_int8(fp32, out_dir / INT8_MODEL, windows)
-        files["int8"] = out_dir / INT8_MODEL
-        agreement, count = label_agreement(fp32, files["int8"], windows), len(windows)
-    else:
-        (out_dir / INT8_MODEL).unlink(missing_ok=True)  # a stale int8 model would not match this export
-
-    atomic_write_text(json.dumps(plan, indent=2) + "\n", out_dir / runner.PLAN_FILE)
-    with atomic_path(out_dir / RUNNER_FILE) as temporary:
-        shutil.copyfile(Path(runner.__file__), temporary)
-    atomic_write_text(REQUIREMENTS, out_dir / "requirements.txt")
-    atomic_write_text(_readme(plan, agreement, count), out_dir / "README.md")
-    files.update(plan=out_dir / runner.PLAN_FILE, runner=out_dir / RUNNER_FILE,
-                 requirements=out_dir / "requirements.txt", readme=out_dir / "README.md")
+    # Built beside out_dir and moved in only once complete, the plan last: a failed export (no calibration windows,
+    # a quantization error, a kill) leaves the previous deployment whole, never a new model with an old plan.
+    with atomic_folder(out_dir, merge=True, last=runner.PLAN_FILE) as building:
+        exported = export_onnx(network, building / FP32_MODEL, (1, preset.in_channels, *plan["sliding_window"]["roi_size"]),
+                               opset=opset, conv3d_as_2d=conv3d_as_2d)
+        if int8:
+            images = _calibration_images(record, calibration_images, calibration_cases)
+            windows = calibration_windows(images, plan)
+            if not windows:
+                raise MedunetError("no calibration windows could be made. Fix: pass --calibration-images.")
+            quantize_int8(building / FP32_MODEL, building / INT8_MODEL, windows)
+            agreement, count = label_agreement(building / FP32_MODEL, building / INT8_MODEL, windows), len(windows)
+        shutil.copyfile(Path(runner.__file__), building / RUNNER_FILE)
+        (building / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
+        (building / "README.md").write_text(_readme(plan, agreement, count), encoding="utf-8")
+        (building / runner.PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+        if not int8:
+            (out_dir / INT8_MODEL).unlink(missing_ok=True)  # a stale int8 model would not match this export
+    files = {"fp32": out_dir / FP32_MODEL, **({"int8": out_dir / INT8_MODEL} if int8 else {}),
+             "plan": out_dir / runner.PLAN_FILE, "runner": out_dir / RUNNER_FILE,
+             "requirements": out_dir / "requirements.txt", "readme": out_dir / "README.md"}
     return DeployExport(out_dir, files, exported.max_abs_difference, count, agreement)
 
 
