@@ -121,8 +121,8 @@ def comparison_sentences(comparisons: Sequence[dict[str, Any]], bar: str | None 
                      "network; " + (f"without it: {_paired_phrase(c['healthy'])}." if c.get("healthy")
                                     else "no fold is left without one."))
         if bar is not None and c["reference"] == bar:
-            judged = c.get("healthy") or c
-            beats = judged["difference"] >= margin and judged["exceeds_spread"] and not (failed and not c.get("healthy"))
+            judged = c.get("healthy") if failed else c  # none when every fold counts a failed run
+            beats = judged is not None and judged["difference"] >= margin and judged["exceeds_spread"]
             line += (f" Beats `{bar}` by {margin} beyond the spread{' on the healthy folds' if failed else ''}: "
                      f"{'yes' if beats else 'no'}.")
         lines.append(line)
@@ -283,8 +283,9 @@ def results_report(
         else:
             section.append(f"Mean ± SD over folds (sample SD); the bracket is the mean paired difference to "
                            f"`{baseline}`.\n\n{cross_validation_table(folds['summary'], baseline)}")
-        if lost_class_note(accuracy):
-            section.append(lost_class_note(accuracy))
+        note = lost_class_note(accuracy)
+        if note:
+            section.append(note)
         if folds is not None:
             section.append("### Which differences exceed the fold-to-fold spread\n\n"
                            + (comparison_sentences(folds["comparisons"], folds.get("bar")) or "No pair to compare."))

@@ -170,8 +170,8 @@ def read_metrics(run: TrainedRun) -> dict[str, Any]:
             epoch = record.get("best_epoch")
             metrics = {"source": f"{METRICS_FILE} (validation during training)", "val_mean_dice": round(best, 4),
                        "best_epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None}
-            lost = record.get("lost_classes")
-            if isinstance(lost, list) and lost and all(isinstance(name, str) for name in lost):
+            lost = record.get("lost_classes")  # checked by read_metrics_record: a list of names
+            if lost:
                 metrics["lost_classes"] = (f"{', '.join(lost)}: validation Dice below {LOST_CLASS_DICE}, the model "
                                            "predicts (almost) none of it (a failed training)")
             return metrics

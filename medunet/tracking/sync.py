@@ -74,9 +74,9 @@ def push_run_folder(run_dir: str | Path, tracker: Tracker, final: bool = False) 
         for name, folder in ((MODEL_FILE, "models"), (METRICS_CSV, None)):
             if (run_dir / name).is_file():
                 tracker.log_artifact(run_dir / name, folder)
-        lost = record.get("lost_classes")
-        if isinstance(lost, list) and lost:  # the classes the best model never predicts: a failed training
-            tracker.set_tags({"lost_classes": ", ".join(map(str, lost))})
+        lost = record.get("lost_classes")  # the classes the best model never predicts (checked: a list of names)
+        if lost:
+            tracker.set_tags({"lost_classes": ", ".join(lost)})
     if tracker.active:  # only what the store took counts as pushed
         atomic_write_text(json.dumps({"tracking_uri": tracker.uri, "experiment": tracker.experiment,
                                       "run_id": tracker.run_id, "config_pushed": True,
