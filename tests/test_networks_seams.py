@@ -8,7 +8,7 @@ from torch import nn
 
 from medunet.errors import MedunetError
 from medunet.networks import LUNet, NAFNet, OneNet, UNetMinus, UNetSkeleton
-from medunet.networks.baselines import PadToDivisible
+from medunet.networks.baselines import HalfResolution, PadToDivisible
 from medunet.networks.conv_unet import conv_unet_parts
 from medunet.networks.layers import crop_spatial, pad_to_multiple
 from medunet.networks.nafnet import nafnet_parts
@@ -160,6 +160,39 @@ def test_one_padding_for_medunet_networks_and_monai_baselines(size: tuple[int, .
     assert torch.equal(crop_spatial(padded, list(size)), x)
     wrapped = PadToDivisible(nn.Identity(), 8, min_size=24)
     assert torch.equal(wrapped(x), x)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_half_resolution_hands_the_network_each_blocks_voxels_as_channels_and_puts_them_back(spatial_dims: int) -> None:
+    """HalfResolution around a network that passes its input through returns the input itself, and the network
+    sees half the size with 2**dims times the channels."""
+    seen = []
+    inner = nn.Identity()
+    inner.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, 3, *(6, 10, 4)[:spatial_dims])
+    assert torch.equal(HalfResolution(inner, spatial_dims)(x), x)
+    assert seen == [(2, 3 * 2**spatial_dims, *(3, 5, 2)[:spatial_dims])]
+
+
+def test_segresnet_at_half_resolution_is_segresnet_with_wider_first_and_last_convolutions() -> None:
+    """monai_segresnet_unshuffle (issue 10's test of what SegResNet's full-resolution first level buys) runs MONAI's
+    SegResNet on the unshuffled input, and differs from monai_segresnet only by its first convolution's 8x input
+    channels (bias-free) and a 3x3x3 sub-pixel head with 8x outputs in place of the 1x1 one."""
+    from monai.networks.nets import SegResNet
+
+    from medunet.networks import create_network
+
+    half = create_network("monai_segresnet_unshuffle", spatial_dims=3, in_channels=1, out_channels=3).eval()
+    full = create_network("monai_segresnet", spatial_dims=3, in_channels=1, out_channels=3)
+    segresnet = half.network.network
+    assert isinstance(segresnet, SegResNet)
+    seen = []
+    segresnet.register_forward_hook(lambda module, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    with torch.no_grad():
+        assert half(torch.randn(1, 1, 48, 64, 47)).shape == (1, 3, 48, 64, 47)
+    assert seen == [((1, 8, 24, 32, 24), (1, 24, 24, 32, 24))]  # 47 padded to 48, then halved
+    first, head = 8 * 27 * (8 - 1), (8 * 24 * 27 + 24) - (8 * 3 + 3)
+    assert n_params(half) - n_params(full) == first + head
 
 
 # -- issue 10: the sub-pixel head (head_kernel) ------------------------------------------------------------------

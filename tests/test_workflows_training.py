@@ -19,7 +19,7 @@ from monai.handlers import CheckpointLoader
 
 from medunet.cli import main
 from medunet.engines import run_workflow
-from medunet.engines.checkpoint import checkpoint_epoch
+from medunet.engines.checkpoint import RunRecorder, checkpoint_epoch
 from medunet.engines.demo import prepare_phantom
 from medunet.errors import MedunetError
 from medunet.networks import create_network
@@ -320,6 +320,56 @@ def test_the_same_seed_trains_the_same_weights_and_another_seed_other_ones(tiny_
     a, b = (create_network(NETWORK, spatial_dims=3, in_channels=1, out_channels=3, seed=5) for _ in range(2))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+class Killed(Exception):
+    """Stands for a kill: raised once epoch 1's checkpoint is written."""
+
+
+def test_a_resumed_training_goes_on_with_its_random_streams_and_trains_as_the_uninterrupted_one(
+        tiny_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after epoch 1 and resumed, a run draws epoch 2's patches and augmentations, not epoch 1's again: with
+    epochs of the whole loader (4 training cases, batch 1) its weights after epoch 2 are the uninterrupted run's."""
+    def settings(name: str) -> dict:
+        return {**tiny_settings(tiny_task, tmp_path / name, epochs=2, epoch_length=4), "seed": 7,
+                "profile_memory": False}
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(tmp_path / name / "models" / "model_last.pt", weights_only=True)["model"]
+
+    def stopped_after_epoch_1(name: str) -> None:
+        record = RunRecorder._epoch_completed
+
+        def record_then_stop(recorder: RunRecorder, engine: Engine) -> None:
+            record(recorder, engine)
+            if engine.state.epoch == 1:
+                raise Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(RunRecorder, "_epoch_completed", record_then_stop)
+            with pytest.raises(Exception) as stopped:  # MONAI's config parser wraps it in a RuntimeError
+                run_workflow(DEMO_WORKFLOW, settings(name))
+        error: BaseException | None = stopped.value
+        while error is not None and not isinstance(error, Killed):
+            error = error.__cause__
+        assert isinstance(error, Killed), stopped.value
+
+    run_workflow(DEMO_WORKFLOW, settings("straight"))
+    stopped_after_epoch_1("resumed")
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint_epoch(saved) == 1 and saved["random_streams"]["transforms"]
+    (summary,) = run_workflow(DEMO_WORKFLOW, settings("resumed"))
+    assert summary["resumed_from_epoch"] == 1 and summary["finished"]
+    straight, resumed = weights("straight"), weights("resumed")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    # A checkpoint from before the streams were kept still resumes (with freshly seeded streams).
+    stopped_after_epoch_1("old")
+    old = tmp_path / "old" / "checkpoints" / "checkpoint_last.pt"
+    checkpoint = torch.load(old, weights_only=True)
+    del checkpoint["random_streams"]
+    torch.save(checkpoint, old)
+    (summary,) = run_workflow(DEMO_WORKFLOW, settings("old"))
+    assert summary["finished"] and summary["resumed_from_epoch"] == 1
 
 
 class NeverLesion(torch.nn.Module):

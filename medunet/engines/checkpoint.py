@@ -11,8 +11,8 @@ Files (``RUN_DIR`` layout in :mod:`medunet.engines`):
 - ``models/model.pt``: best validation mean Dice, ``{"model": state_dict}`` as MONAI bundles load it;
 - ``models/model_last.pt``: the last epoch, same layout;
 - ``checkpoints/checkpoint_last.pt``: resume state ``{"network", "optimizer", "lr_scheduler", "trainer",
-  "run_state"[, "scaler", "early_stop"]}``; ``run_state`` holds the history, the best score and whether the
-  run finished;
+  "random_streams", "run_state"[, "scaler", "early_stop"]}``; ``run_state`` holds the history, the best score and
+  whether the run finished; ``random_streams`` where the data's random generators stood (:class:`RandomStreams`);
 - ``metrics.csv`` and ``metrics.json``: one row per epoch (train loss, learning rate, validation Dice, time);
   ``metrics.json`` also names the classes the best model has lost (``lost_classes``, :func:`lost_classes`).
 """
@@ -23,11 +23,13 @@ import csv
 import io
 import json
 import math
+import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
@@ -49,6 +51,96 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         path: the destination file; its folder is created.
     """
     replace_atomically(path, lambda file: torch.save(obj, file))
+
+
+class RandomStreams:
+    """Where the random generators a training draws its data from stand, for the resume checkpoint.
+
+    A training seeds its generators once (``set_determinism``, then MONAI's ``DataLoader`` seeds every random
+    transform of the dataset). A resumed session seeds them the same way, so without this it would draw epoch 1's
+    patches, augmentations and order again at the epoch it resumes from, and a run resumed often (a GPU lent for
+    minutes at a time) would see the start of its data stream over and over. Saved: PyTorch's, NumPy's and Python's
+    global generators and each random transform's own (``Randomizable.R``), found in ``datasets`` the way MONAI's
+    ``set_rnd`` finds them. Restored when the resumed run starts, before its first batch is drawn, so each stream
+    goes on where it stood. With the iterator restarting at each epoch (``epoch_length`` the loader's length, or
+    unset) a resumed run then trains as the uninterrupted one does, bit for bit on the same machine and thread
+    count; with shorter epochs the resumed epoch starts a new pass over the cases (ignite does not save an
+    iterator's position), drawn from the continued streams. Data-loader worker processes seed their transforms from
+    PyTorch's generator at each epoch, which is restored too. Plain values and tensors: ``weights_only`` loads it.
+
+    Args:
+        datasets: the datasets whose random transforms are saved (the training data).
+        rank: this process's rank; ranks other than 0 (whose streams rank 0 did not save) restore rank 0's and then
+            draw a seed of their own from them, so they neither replay nor copy rank 0's stream.
+    """
+
+    def __init__(self, *datasets: Any, rank: int = 0) -> None:
+        self.datasets = datasets
+        self.rank = rank
+
+    def transforms(self) -> list[Any]:
+        """The random transforms of the datasets, always in the same order."""
+        found: list[Any] = []
+        _find_randomizable(self.datasets, found, set())
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": _numpy_state(np.random.get_state()),
+                "python": _python_state(random.getstate()),
+                "transforms": [_numpy_state(transform.R.get_state()) for transform in self.transforms()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        transforms = self.transforms()
+        if len(state["transforms"]) != len(transforms):
+            raise ValueError(f"the resume checkpoint holds {len(state['transforms'])} random transforms' states and "
+                             f"this training has {len(transforms)}: its data transforms changed since it was saved")
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_from_numpy_state(state["numpy"]))
+        random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+        for transform, saved in zip(transforms, state["transforms"], strict=True):
+            transform.R.set_state(_from_numpy_state(saved))
+        if self.rank:
+            seed = int(torch.randint(2**31 - 1, (1,)).item()) + self.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            for offset, transform in enumerate(transforms):
+                transform.set_random_state(seed=(seed + offset) % 2**32)
+
+
+def _find_randomizable(obj: Any, found: list[Any], seen: set[int]) -> None:
+    """Append the objects with a random state of their own (``Randomizable.R``) that ``obj`` holds, depth first in
+    attribute order, through the attributes and lists ``monai.data.utils.set_rnd`` walks, and on into each random
+    transform (MONAI's dictionary transforms draw from inner array transforms with generators of their own)."""
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            _find_randomizable(item, found, seen)
+        return
+    if not hasattr(obj, "__dict__") or id(obj) in seen or isinstance(obj, torch.Tensor):
+        return
+    seen.add(id(obj))
+    if isinstance(getattr(obj, "R", None), np.random.RandomState) and hasattr(obj, "set_random_state"):
+        found.append(obj)
+    for key, value in vars(obj).items():
+        if not key.startswith("__"):
+            _find_randomizable(value, found, seen)
+
+
+def _numpy_state(state: tuple) -> dict[str, Any]:
+    """A NumPy ``RandomState`` state as tensors and plain values (``weights_only`` loads no NumPy arrays)."""
+    name, keys, position, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _from_numpy_state(state: Mapping[str, Any]) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["position"], state["has_gauss"],
+            state["cached_gaussian"])
+
+
+def _python_state(state: tuple) -> list[Any]:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
 
 
 def load_model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

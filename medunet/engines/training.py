@@ -70,6 +70,7 @@ from medunet.engines.checkpoint import (
     LOST_CLASS_DICE,
     MODEL_FILE,
     RESUME_FILE,
+    RandomStreams,
     RunRecorder,
     atomic_write_text,
     checkpoint_epoch,
@@ -352,7 +353,8 @@ class SegmentationTraining:
             epoch_length=self.epoch_length,
         )
         NonFiniteLossGuard().attach(trainer)  # a NaN/Inf loss stops the run before the step and the recorder
-        resume_objects: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
+        resume_objects: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer,
+                                          "random_streams": RandomStreams(train_loader.dataset, rank=context.rank)}
         if scheduler is not None:
             resume_objects["lr_scheduler"] = scheduler
         if amp and getattr(trainer, "scaler_", None) is not None:
@@ -384,8 +386,10 @@ class SegmentationTraining:
 
         resume_file = self.run_dir / RESUME_FILE
         if self.resume and resume_file.is_file():
-            CheckpointLoader(load_path=str(resume_file), load_dict=resume_objects, map_location=context.device).attach(trainer)
             state = torch.load(resume_file, map_location="cpu", weights_only=True)
+            # A checkpoint saved before medunet kept the random streams resumes with freshly seeded ones, as it did.
+            load_dict = {name: obj for name, obj in resume_objects.items() if name in state or name != "random_streams"}
+            CheckpointLoader(load_path=str(resume_file), load_dict=load_dict, map_location=context.device).attach(trainer)
             self.resumed_from_epoch = checkpoint_epoch(state)
             recorder.load_state_dict(state["run_state"])
         self.trainer, self.evaluator, self.recorder = trainer, evaluator, recorder
