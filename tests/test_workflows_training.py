@@ -327,7 +327,7 @@ class Killed(Exception):
 
 
 def test_a_resumed_training_goes_on_with_its_random_streams_and_trains_as_the_uninterrupted_one(
-        tiny_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Stopped after epoch 1 and resumed, a run draws epoch 2's patches and augmentations, not epoch 1's again: with
     epochs of the whole loader (4 training cases, batch 1) its weights after epoch 2 are the uninterrupted run's."""
     def settings(name: str) -> dict:
@@ -370,6 +370,12 @@ def test_a_resumed_training_goes_on_with_its_random_streams_and_trains_as_the_un
     torch.save(checkpoint, old)
     (summary,) = run_workflow(DEMO_WORKFLOW, settings("old"))
     assert summary["finished"] and summary["resumed_from_epoch"] == 1
+    # Resumed with another augmentation (other random transforms), it says so and goes on.
+    stopped_after_epoch_1("changed")
+    capsys.readouterr()
+    (summary,) = run_workflow(DEMO_WORKFLOW, {**settings("changed"), "augment": "nnunet"})
+    assert summary["finished"] and summary["resumed_from_epoch"] == 1
+    assert "they start from fresh seeds" in capsys.readouterr().out
 
 
 class NeverLesion(torch.nn.Module):

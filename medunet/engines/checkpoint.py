@@ -91,14 +91,16 @@ class RandomStreams:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         transforms = self.transforms()
-        if len(state["transforms"]) != len(transforms):
-            raise ValueError(f"the resume checkpoint holds {len(state['transforms'])} random transforms' states and "
-                             f"this training has {len(transforms)}: its data transforms changed since it was saved")
         torch.set_rng_state(state["torch"])
         np.random.set_state(_from_numpy_state(state["numpy"]))
         random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-        for transform, saved in zip(transforms, state["transforms"], strict=True):
-            transform.R.set_state(_from_numpy_state(saved))
+        if len(state["transforms"]) == len(transforms):
+            for transform, saved in zip(transforms, state["transforms"], strict=True):
+                transform.R.set_state(_from_numpy_state(saved))
+        else:  # e.g. resumed with another `augment`: legitimate, but those streams cannot go on
+            print(f"warning: the resume checkpoint holds the random state of {len(state['transforms'])} data "
+                  f"transforms and this training has {len(transforms)} (its augmentation changed since): they start "
+                  "from fresh seeds, the global generators go on where they stood.", flush=True)
         if self.rank:
             seed = int(torch.randint(2**31 - 1, (1,)).item()) + self.rank
             torch.manual_seed(seed)
