@@ -378,6 +378,42 @@ def test_a_resumed_training_goes_on_with_its_random_streams_and_trains_as_the_un
     assert "they start from fresh seeds" in capsys.readouterr().out
 
 
+def test_random_streams_go_on_where_they_stood_and_other_ranks_draw_their_own() -> None:
+    """Restored, the streams give what they gave after the save, the transforms' inner generators included; a rank
+    other than 0 restores rank 0's and then draws a stream of its own, the same one each time."""
+    import random
+
+    import numpy as np
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandGaussianNoised, RandSpatialCropd
+
+    from medunet.engines.checkpoint import RandomStreams
+
+    dataset = Dataset([{"image": torch.arange(512.0).reshape(1, 8, 8, 8)}],
+                      transform=Compose([RandGaussianNoised(keys="image", prob=1.0),
+                                         RandSpatialCropd(keys="image", roi_size=(4, 4, 4), random_size=False)]))
+    streams = RandomStreams(dataset)
+    # The Compose, each dictionary transform and the array transform each draws from.
+    assert len(streams.transforms()) >= 4
+
+    def draw() -> tuple:
+        return dataset[0]["image"].clone(), torch.rand(2), float(np.random.rand()), random.random()
+
+    def same(a: tuple, b: tuple) -> bool:
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+
+    saved = streams.state_dict()
+    expected = draw()
+    draw()
+    streams.load_state_dict(saved)
+    assert same(draw(), expected)
+    RandomStreams(dataset, rank=1).load_state_dict(saved)
+    other = draw()
+    assert not torch.equal(other[0], expected[0]) and not torch.equal(other[1], expected[1])
+    RandomStreams(dataset, rank=1).load_state_dict(saved)
+    assert same(draw(), other)
+
+
 class NeverLesion(torch.nn.Module):
     """The tiny network with its lesion logit held 10^4 below the others: a network that has lost the lesion class."""
 
