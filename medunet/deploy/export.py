@@ -248,8 +248,8 @@ def export_deploy(
         (building / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
         (building / "README.md").write_text(_readme(plan, agreement, count), encoding="utf-8")
         (building / runner.PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-        if not int8:
-            (out_dir / INT8_MODEL).unlink(missing_ok=True)  # a stale int8 model would not match this export
+    if not int8:  # once the new plan (without int8) is in: a stale int8 model would not match this export
+        (out_dir / INT8_MODEL).unlink(missing_ok=True)
     files = {"fp32": out_dir / FP32_MODEL, **({"int8": out_dir / INT8_MODEL} if int8 else {}),
              "plan": out_dir / runner.PLAN_FILE, "runner": out_dir / RUNNER_FILE,
              "requirements": out_dir / "requirements.txt", "readme": out_dir / "README.md"}

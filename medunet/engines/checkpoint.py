@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import Randomizable
 
 from medunet.atomic import atomic_write_text, replace_atomically
 from medunet.run_folder import LAST_MODEL_FILE, METRICS_CSV, METRICS_JSON, MODEL_FILE, RESUME_FILE  # noqa: F401
@@ -111,9 +112,9 @@ class RandomStreams:
 
 
 def _find_randomizable(obj: Any, found: list[Any], seen: set[int]) -> None:
-    """Append the objects with a random state of their own (``Randomizable.R``) that ``obj`` holds, depth first in
-    attribute order, through the attributes and lists ``monai.data.utils.set_rnd`` walks, and on into each random
-    transform (MONAI's dictionary transforms draw from inner array transforms with generators of their own)."""
+    """Append the MONAI ``Randomizable`` objects (each with a generator ``R`` of its own) that ``obj`` holds, depth
+    first in attribute order, through the attributes and lists ``monai.data.utils.set_rnd`` walks, and on into each
+    random transform (MONAI's dictionary transforms draw from inner array transforms with generators of their own)."""
     if isinstance(obj, (tuple, list)):
         for item in obj:
             _find_randomizable(item, found, seen)
@@ -121,7 +122,7 @@ def _find_randomizable(obj: Any, found: list[Any], seen: set[int]) -> None:
     if not hasattr(obj, "__dict__") or id(obj) in seen or isinstance(obj, torch.Tensor):
         return
     seen.add(id(obj))
-    if isinstance(getattr(obj, "R", None), np.random.RandomState) and hasattr(obj, "set_random_state"):
+    if isinstance(obj, Randomizable):
         found.append(obj)
     for key, value in vars(obj).items():
         if not key.startswith("__"):

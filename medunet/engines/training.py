@@ -387,8 +387,9 @@ class SegmentationTraining:
         resume_file = self.run_dir / RESUME_FILE
         if self.resume and resume_file.is_file():
             state = torch.load(resume_file, map_location="cpu", weights_only=True)
-            # A checkpoint saved before medunet kept the random streams resumes with freshly seeded ones, as it did.
-            load_dict = {name: obj for name, obj in resume_objects.items() if name in state or name != "random_streams"}
+            load_dict = dict(resume_objects)
+            if "random_streams" not in state:  # saved before medunet kept them: freshly seeded streams, as it did
+                del load_dict["random_streams"]
             CheckpointLoader(load_path=str(resume_file), load_dict=load_dict, map_location=context.device).attach(trainer)
             self.resumed_from_epoch = checkpoint_epoch(state)
             recorder.load_state_dict(state["run_state"])
